@@ -1,0 +1,93 @@
+"""EngineConfig: every engine option, with vLLM's names, validated once.
+
+The same fields become CLI flags (`--gpu-memory-utilization` ...) and `LLM(...)` keyword
+arguments; an unknown option is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+GiB = 1 << 30
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """'4GiB', '512MiB', '2G', '1.5e9' or a number of bytes -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", value)
+    if not m:
+        raise ConfigError(f"cannot parse memory size {value!r}; use bytes or e.g. '4GiB', '512MiB'")
+    scale = {"": 1, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)]
+    base = 1024 if (m.group(3) or m.group(2)) else 1
+    return int(float(m.group(1)) * base ** (scale if m.group(2) else 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or a config name with load_format=dummy
+    tokenizer: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | str | None = None  # bytes for the KV cache; overrides the utilization
+    num_gpu_blocks_override: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
+        self._validate()
+
+    def _validate(self) -> None:
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"invalid device {self.device!r}; choose one of {DEVICES} or 'cuda:N'")
+        _positive("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two (e.g. 16)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            _positive(name, getattr(self, name))
+        for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**kwargs)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid {name} {value!r}; choose one of {choices}")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")

@@ -1,0 +1,268 @@
+"""LLMEngine: requests in, one step at a time: schedule -> forward + sample -> update -> outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig
+from kvtier.engine.detokenizer import IncrementalDetokenizer
+from kvtier.engine.model_runner import ModelRunner, allocate_kv_cache, kv_block_bytes
+from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
+from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
+from kvtier.request import Request, RequestStatus
+from kvtier.sampling_params import SamplingParams
+from kvtier.scheduler.output import SampledToken
+from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One of a request's n samples, with its text state."""
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+
+
+@dataclasses.dataclass
+class _RequestGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.status.finished for s in self.seqs)
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device, self.dtype = resolve_device_dtype(config)
+        torch.manual_seed(config.seed)
+        source = resolve_model(config.model, config.load_format)
+        self.model_config = model_config(source)
+        self.model_name = config.model or "SmolLM2-135M-Instruct"
+        model = load_model(source, self.model_config, self.device, self.dtype, config.seed)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
+        self.eos_token_ids = self._eos_ids(source.path)
+        num_blocks = self._num_blocks(model)
+        self.max_model_len = self._max_model_len(num_blocks)
+        kv = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.kv_cache)
+        self.groups: dict[str, _RequestGroup] = {}
+        self._group_of: dict[str, tuple[str, _Sequence]] = {}  # child request id -> (group id, seq)
+        self._ids = itertools.count()
+        logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                    self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _eos_ids(self, path) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        gen_cfg = path / "generation_config.json" if path is not None else None
+        if gen_cfg is not None and gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def _num_blocks(self, model: torch.nn.Module) -> int:
+        cfg, block_bytes = self.config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:  # CPU: a fixed default, no larger than max_num_seqs full-length sequences need
+            full = self.config.max_model_len or self.model_config.max_position_embeddings
+            budget = min(DEFAULT_CPU_KV_CACHE_BYTES, -(-full // cfg.block_size) * cfg.max_num_seqs * block_bytes)
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise ConfigError(f"the KV cache budget of {budget / 2**30:.2f} GiB holds no block of "
+                              f"{block_bytes} bytes; raise --kv-cache-memory or --gpu-memory-utilization")
+        return num_blocks
+
+    def _cuda_kv_budget(self) -> int:
+        """vLLM's meaning: the engine may use this fraction of the GPU's total memory in all."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = self._activation_reserve()
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
+        if budget <= 0:
+            raise ConfigError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves no "
+                              f"memory for the KV cache ({(total - free) / 2**30:.1f} GiB already used)")
+        return budget
+
+    def _activation_reserve(self) -> int:
+        """Peak extra memory of a forward over max_num_batched_tokens, estimated from shapes."""
+        cfg, t = self.model_config, self.config.max_num_batched_tokens
+        width = max(cfg.hidden_size * 4, cfg.intermediate_size * 3, cfg.vocab_size // 8)
+        return int(t * width * self.dtype.itemsize * 2 + cfg.vocab_size * 4 * min(t, 1024))
+
+    def _max_model_len(self, num_blocks: int) -> int:
+        model_max = self.model_config.max_position_embeddings
+        capacity = num_blocks * self.config.block_size
+        wanted = self.config.max_model_len
+        if wanted is not None and wanted > model_max:
+            raise ConfigError(f"max_model_len={wanted} exceeds the model's {model_max} positions")
+        if wanted is not None and wanted > capacity:
+            raise ConfigError(f"max_model_len={wanted} does not fit the KV cache ({capacity} tokens in "
+                              f"{num_blocks} blocks); lower --max-model-len or give the cache more memory")
+        return wanted or min(model_max, capacity)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer (skip_tokenizer_init or a model "
+                                 "without tokenizer files); pass prompt token ids instead")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize(prompt)
+        self._validate_prompt(token_ids)
+        seqs = []
+        for i in range(params.n):
+            child = params.child(i) if params.n > 1 else params
+            req = Request(f"{request_id}" if params.n == 1 else f"{request_id}#{i}", token_ids, child,
+                          self.eos_token_ids, cache_salt, arrival_time)
+            seqs.append(_Sequence(req, IncrementalDetokenizer(self.tokenizer, token_ids, child),
+                                  [] if child.logprobs is not None else None))
+        self.groups[request_id] = _RequestGroup(request_id, text, token_ids, seqs)
+        for seq in seqs:
+            self._group_of[seq.request.request_id] = (request_id, seq)
+            self.scheduler.add_request(seq.request)
+        return request_id
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(token_ids) + 1 > self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens but max_model_len is "
+                             f"{self.max_model_len}, which must leave room for at least one new token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        for request_id in ids:
+            group = self.groups.pop(request_id, None)
+            if group is not None:
+                self._forget(group)
+                self.scheduler.finish_requests([s.request.request_id for s in group.seqs],
+                                               RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns outputs of the requests that advanced (finished ones last seen)."""
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        updated = self.scheduler.update_from_output(plan, result)
+        touched = self._apply_tokens(updated, result.sampled)
+        outputs = []
+        for group_id in touched:
+            group = self.groups[group_id]
+            if group.finished:
+                del self.groups[group_id]
+                self._forget(group)
+            outputs.append(self._output(group))
+        return outputs
+
+    def _forget(self, group: _RequestGroup) -> None:
+        for seq in group.seqs:
+            self._group_of.pop(seq.request.request_id, None)
+
+    def _apply_tokens(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[str]:
+        touched: dict[str, None] = {}
+        for req in updated:
+            group_id, seq = self._group_of[req.request_id]
+            self._apply_one(seq, sampled[req.request_id])
+            touched[group_id] = None
+        return list(touched)
+
+    def _apply_one(self, seq: _Sequence, token: SampledToken) -> None:
+        req = seq.request
+        stop = seq.detok.add_token(token.token_id, req.num_output_tokens >= req.params.min_tokens)
+        if seq.logprobs is not None:
+            entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(token.top_logprobs or [])}
+            entry[token.token_id] = Logprob(token.logprob, token.rank)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += token.logprob
+        if stop is not None and not req.status.finished:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            req.stop_reason = stop
+
+    def _output(self, group: _RequestGroup) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(group.seqs):
+            req = seq.request
+            status = req.status.value if req.status.finished else None
+            outs.append(CompletionOutput(i, seq.detok.text, list(req.output_token_ids), status,
+                                         req.stop_reason, seq.logprobs,
+                                         seq.cumulative_logprob if seq.logprobs is not None else None))
+        first = group.seqs[0].request
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
+                             group.finished, first.metrics)
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        self.kv_cache.check_integrity()
+
+    def num_held_blocks(self) -> int:
+        return self.kv_cache.num_held_blocks()
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_blocks": self.kv_cache.pool.num_blocks, "block_usage": self.kv_cache.pool.usage(),
+                "num_preemptions": self.scheduler.num_preemptions,
+                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "prefix_hit_tokens": self.kv_cache.prefix_hits, "now": time.time()}

@@ -1,0 +1,85 @@
+"""Model runner: owns the model and the KV cache tensors, turns a plan into one forward + sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from kvtier.engine.sampler import Sampler
+from kvtier.models.config import ModelConfig
+from kvtier.ops.attention import AttentionMetadata
+from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block across all layers, K and V."""
+    return 2 * cfg.num_layers * block_size * cfg.kv_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (layers, 2, blocks, block_size, kv_heads, head_dim) tensor, viewed per layer as (K, V).
+
+    Zero-filled: attention over padded block-table entries must never meet NaN garbage."""
+    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                     dtype=dtype, device=device)
+    return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
+
+
+@dataclasses.dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (S,) rows of the hidden states to sample from
+    sample_items: list[ScheduledRequest]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cfg: ModelConfig, kv_caches: list, block_size: int,
+                 device: torch.device, seed: int = 0):
+        self.model, self.cfg, self.kv_caches = model, cfg, kv_caches
+        self.block_size, self.device = block_size, device
+        self.sampler = Sampler(device, seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        self.sampler.drop(plan.finished_request_ids)
+        if plan.is_empty:
+            return RunnerOutput({})
+        inputs = self.prepare_inputs(plan.scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, h)
+        if not inputs.sample_items:
+            return RunnerOutput({})
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, vocab)
+        sampled = self.sampler(logits, inputs.sample_items)
+        return RunnerOutput({item.request_id: s for item, s in zip(inputs.sample_items, sampled)})
+
+    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
+        bs = self.block_size
+        input_ids, positions, slots, starts, logits_idx = [], [], [], [0], []
+        for item in scheduled:
+            pos = range(item.start_pos, item.start_pos + len(item.token_ids))
+            input_ids += item.token_ids
+            positions += pos
+            slots += [item.block_ids[p // bs] * bs + p % bs for p in pos]
+            starts.append(starts[-1] + len(item.token_ids))
+            if item.sample:
+                logits_idx.append(starts[-1] - 1)
+        seq_lens = [s.start_pos + len(s.token_ids) for s in scheduled]
+        query_lens = [len(s.token_ids) for s in scheduled]
+        max_blocks = max(len(s.block_ids) for s in scheduled)
+        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in scheduled]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(tables, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(starts, torch.int32),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            seq_lens_list=seq_lens, query_lens_list=query_lens)
+        return ModelInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
+                           meta, self._tensor(logits_idx, torch.int64),
+                           [s for s in scheduled if s.sample])
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)

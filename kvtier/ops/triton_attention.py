@@ -1,0 +1,526 @@
+"""Triton kernels for the paged KV cache: the fused K/V write and paged attention (decode, prefill).
+
+Same semantics as the pure-torch references in `kvtier.ops.attention` (`write_kv_ref`,
+`paged_attention_ref`); the cache layout and `AttentionMetadata` are defined there.
+
+    write_kv(k, v, k_cache, v_cache, slot_mapping)            one program per token
+    paged_decode_attention(q, k_cache, v_cache, meta, scale)   one query per sequence, split-K
+    paged_prefill_attention(q, k_cache, v_cache, meta, scale)  variable-length causal, any q_len
+    paged_attention(...)                                       picks one of the two by meta
+
+Every launcher checks shapes, dtypes and devices on the host (ValueError) and never reads a device
+tensor: no `.item()`, `.tolist()` or other sync, and every grid size comes from host ints
+(`meta.max_seq_len`, `meta.max_query_len`, tensor shapes). Under CUDA-graph capture, pass the
+graph's fixed caps in those two fields.
+
+Keys are read through the block table position by position: key position p lives in page
+`block_tables[b, p // block_size]` at offset `p % block_size`, so tiles need not align with pages
+and any block size works. Scores, softmax statistics and the output accumulator are fp32.
+
+The kernel modules decide between compiled and interpreted kernels when this module is imported
+(Triton reads TRITON_INTERPRET in `@triton.jit`): set TRITON_INTERPRET=1 before the first import to
+run on CPU tensors.
+
+This module imports nothing from kvtier beyond the metadata type in `kvtier.ops.attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtier.ops.attention import AttentionMetadata
+
+# Tuning constants. NOT yet tuned on a GPU: chosen from the usual Triton flash-attention settings
+# for head_dim 128 on an H100 (sm_90); benchmarks/kernels_gpu.py --sweep-splits measures them.
+H100_NUM_SMS = 132  # used when there is no CUDA device to ask (interpreter on CPU)
+DECODE_BLOCK_N = 64  # keys per tile in the decode kernel
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+DECODE_PROGRAMS_PER_SM = 4  # split until batch x kv_heads x splits reaches this many per SM
+DECODE_MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial store) dominates
+DECODE_MAX_SPLITS = 64
+PREFILL_BLOCK_M = 128  # queries per program (fewer when max_query_len is smaller)
+PREFILL_BLOCK_N = 64  # keys per tile
+PREFILL_NUM_STAGES = 2
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_NO_WINDOW = 1 << 30  # a window longer than any context; keeps the kernels free of a window branch
+_LOG2E = 1.4426950408889634
+_MIN_DOT = 16  # tl.dot needs every dimension >= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# write_kv
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One program per token: all KV heads of token t to slot slot_mapping[t] (skipped if < 0)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    page, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = h < tl.where(slot >= 0, num_kv_heads, 0)  # (HEADS_PAD, 1); padding token: all off
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    k_dst = k_cache_ptr + page * stride_kcb + offset * stride_kco + h * stride_kch + d
+    v_dst = v_cache_ptr + page * stride_vcb + offset * stride_vco + h * stride_vch + d
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v (T, Hkv, D) -> k_cache, v_cache (num_blocks, block_size, Hkv, D) at slot_mapping (T,).
+
+    Slots < 0 (padding tokens) are skipped; values are cast to the cache dtype.
+    """
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = _check_kv(k, v, k_cache)
+    _check_1d(slot_mapping, "slot_mapping", num_tokens, _INDEX_DTYPES)
+    _check_devices(k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, num_kv_heads,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: split-K ("flash decoding")
+# ---------------------------------------------------------------------------------------------
+#
+#   context of sequence b, split into num_splits ranges of split_len keys (a multiple of BLOCK_N):
+#
+#     pos  0 ........ split_len ........ 2*split_len ...... seq_len       max_seq_len
+#          |  split 0  |      split 1     |     split 2    |  (empty split 3)  |
+#
+#   grid (B, Hkv, num_splits): each program reads its split's K/V once for the G = Hq / Hkv query
+#   heads of its KV head and stores unnormalized (max, sum, acc) per query head; the reduce kernel
+#   (grid (B, Hq)) rescales them to the global max and divides. One split writes `out` directly.
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs would silently use tf32 on tensor cores; ask for full precision instead.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                         out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                         qk_scale, window, split_len, num_splits,
+                         stride_qb, stride_qh, stride_ob, stride_oh,
+                         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr,
+                         IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    g = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + g  # (G_PAD,) query heads of this KV head
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)  # (G_PAD, D)
+    lo = tl.maximum(split * split_len, seq_len - window)
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum((split + 1) * split_len, seq_len)
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+
+    m_i = tl.full([GROUP_PAD], -1e30, tl.float32)  # finite: an empty split gives exp2(-inf) = 0
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        k = tl.load(k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :],
+                    mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    row_mask = (g < GROUP)[:, None]
+    if DIRECT_OUT:
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)  # seq_len 0 (padding) -> zeros
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        part = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split  # (G_PAD,)
+        tl.store(part_m_ptr + part, m_i, mask=g < GROUP)
+        tl.store(part_l_ptr + part, l_i, mask=g < GROUP)
+        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * HEAD_DIM + d[None, :], acc, mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits,
+                          stride_ob, stride_oh, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """grid (B, Hq): combine the splits' (max, sum, acc) of one query head."""
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (b * tl.num_programs(1) + head).to(tl.int64) * num_splits
+    s = tl.arange(0, SPLITS_PAD)
+    m = tl.load(part_m_ptr + row + s, mask=s < num_splits, other=float("-inf"))
+    l = tl.load(part_l_ptr + row + s, mask=s < num_splits, other=0.0)
+    m_max = tl.max(m, 0)
+    l_sum = tl.sum(l * tl.exp2(m - m_max), 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for i in range(0, num_splits):
+        weight = tl.exp2(tl.load(part_m_ptr + row + i) - m_max)
+        acc += tl.load(part_acc_ptr + (row + i) * HEAD_DIM + d) * weight
+    out = tl.where(l_sum > 0, acc / l_sum, 0.0)  # seq_len 0 (padding) -> zeros
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many context splits the decode kernel uses (host ints only, so CUDA-graph safe).
+
+    Enough programs (batch x kv_heads x splits) for DECODE_PROGRAMS_PER_SM per SM, so that a few
+    long sequences still fill the GPU, but no split shorter than DECODE_MIN_TOKENS_PER_SPLIT and
+    at most DECODE_MAX_SPLITS. E.g. on 132 SMs with 8 KV heads: 64 x 2048 -> 2 splits,
+    8 x 512 -> 4, 1 x 32768 -> 64.
+    """
+    wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // max(num_seqs * num_kv_heads, 1))
+    longest = -(-max_seq_len // DECODE_MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, longest, DECODE_MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D) in q's dtype.
+
+    The context is split into `num_splits` ranges (default: `num_decode_splits`) sized from
+    meta.max_seq_len, which must bound every seq_len. Sequences with seq_len 0 give zeros.
+    """
+    num_seqs, num_heads, head_dim, num_kv_heads = _check_attention(q, k_cache, v_cache, meta,
+                                                                   scale, sliding_window)
+    if q.shape[0] != num_seqs:
+        raise ValueError(f"decode needs one query per sequence: q has {q.shape[0]} rows, "
+                         f"meta has {num_seqs} sequences")
+    if meta.max_query_len != 1:
+        raise ValueError(f"decode needs meta.max_query_len == 1, got {meta.max_query_len}")
+    if num_splits is None:
+        num_splits = num_decode_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
+    elif not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    split_len, block_n = _split_len(meta.max_seq_len, num_splits)
+    num_splits = -(-meta.max_seq_len // split_len)  # rounding split_len up may leave fewer
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_len, block_n,
+                   num_splits)
+    return out
+
+
+def _split_len(max_seq_len: int, num_splits: int) -> tuple[int, int]:
+    """Keys per split, rounded up to the tile size; the tile shrinks (>= 16) for short contexts."""
+    per_split = -(-max(max_seq_len, 1) // num_splits)
+    block_n = min(DECODE_BLOCK_N, max(_MIN_DOT, triton.next_power_of_2(per_split)))
+    return -(-per_split // block_n) * block_n, block_n
+
+
+def _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_len, block_n,
+                   num_splits) -> None:
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    direct = num_splits == 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_m = out if direct else torch.empty(num_seqs, num_heads, num_splits, **f32)
+    part_l = out if direct else torch.empty(num_seqs, num_heads, num_splits, **f32)
+    part_acc = out if direct else torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, part_m, part_l, part_acc,
+        scale * _LOG2E, _window(sliding_window), split_len, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, DIRECT_OUT=direct,
+        IEEE=q.dtype == torch.float32, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill: variable-length causal attention over cached prefix + new tokens
+# ---------------------------------------------------------------------------------------------
+#
+#   sequence b: context = seq_len - q_len cached tokens, then q_len new ones (already in the cache)
+#
+#     keys   0 ............. context ............................ seq_len
+#     tile of BLOCK_M queries at positions [first_q, last_q]:
+#            [ window-masked | no mask: k <= first_q and inside every row's window | causal ]
+#            lo            f_lo                                                  f_hi      hi
+#
+#   grid (cdiv(max_query_len, BLOCK_M), B, Hq); programs past a sequence's q_len exit at once.
+
+@triton.jit
+def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_len, window,
+                   qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, d,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """Online softmax over key tiles [lo, hi); MASKED applies causal, window and length masks."""
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            valid = pos < seq_len
+            page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        else:
+            page = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        k_ptrs = k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :]
+        v_ptrs = v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASKED:
+            keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(keep & valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                    query_start_loc_ptr, out_ptr, qk_scale, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    context = seq_len - q_len
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = context + rows  # (BLOCK_M,) positions of this tile's queries
+    d = tl.arange(0, HEAD_DIM)
+    tokens = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=(rows < q_len)[:, None], other=0.0)
+
+    first_q = context + tile * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
+    hi = last_q + 1
+    lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+    f_hi = (first_q + 1) // BLOCK_N * BLOCK_N
+    f_lo = tl.minimum(tl.maximum(lo, (tl.maximum(last_q - window + 1, 0) + BLOCK_N - 1)
+                                 // BLOCK_N * BLOCK_N), f_hi)
+    kv_head = head // GROUP
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, f_lo,
+                                   seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, IEEE)
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_lo, f_hi,
+                                   seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, False, IEEE)
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_hi, hi,
+                                   seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, IEEE)
+    out = acc / l_i[:, None]  # every valid row sees at least its own key
+    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float,
+                            sliding_window: int | None = None) -> torch.Tensor:
+    """q (T, Hq, D), sequences flattened by meta.query_start_loc -> (T, Hq, D) in q's dtype.
+
+    Query j of a sequence with q_len new tokens sits at position seq_len - q_len + j and attends
+    causally to keys 0..that position, read from the cache (this step's K/V must be written).
+    meta.max_query_len must bound every q_len. Rows of q outside every sequence are left unset.
+    """
+    num_seqs, num_heads, head_dim, num_kv_heads = _check_attention(q, k_cache, v_cache, meta,
+                                                                   scale, sliding_window)
+    if meta.query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(f"meta.query_start_loc must have {num_seqs + 1} entries, "
+                         f"got {meta.query_start_loc.shape[0]}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0 or q.shape[0] == 0 or meta.max_query_len < 1:
+        return out
+    block_m = min(PREFILL_BLOCK_M, max(_MIN_DOT, triton.next_power_of_2(meta.max_query_len)))
+    grid = (triton.cdiv(meta.max_query_len, block_m), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        scale * _LOG2E, _window(sliding_window),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, IEEE=q.dtype == torch.float32,
+        num_warps=8 if block_m >= 128 else 4, num_stages=PREFILL_NUM_STAGES)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """q (T, Hq, D) -> (T, Hq, D); decode kernel when every sequence has one query, else prefill."""
+    if meta.is_decode_only:
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side checks (no device reads)
+# ---------------------------------------------------------------------------------------------
+
+def _window(sliding_window: int | None) -> int:
+    return _NO_WINDOW if sliding_window is None else sliding_window
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return H100_NUM_SMS
+    return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
+                         f"got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match "
+                         f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}")
+    if k_cache.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"cache dtype must be one of {_FLOAT_DTYPES}, got {k_cache.dtype}")
+    head_dim = k_cache.shape[3]
+    if head_dim < _MIN_DOT or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last (head_dim) dimension")
+
+
+def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be (T, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):
+        raise ValueError(f"k (T, Hkv, D) = {tuple(k.shape)} does not match the cache's "
+                         f"(Hkv, D) = {tuple(k_cache.shape[2:])}")
+    if k.dtype not in _FLOAT_DTYPES or v.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"k and v must be one of {_FLOAT_DTYPES}, got {k.dtype} and {v.dtype}")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k and v need a contiguous last (head_dim) dimension")
+    return k.shape[0], k.shape[1], k.shape[2]
+
+
+def _check_1d(x: torch.Tensor, name: str, length: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    if x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must be ({length},), got {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {dtypes}, got {x.dtype}")
+
+
+def _check_devices(first: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, x in others.items():
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device}, expected {first.device} like the inputs")
+    if first.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"Triton kernels need CUDA tensors, got {first.device} "
+                         "(set TRITON_INTERPRET=1 before importing kvtier.ops.triton_attention "
+                         "to run them on the CPU)")
+
+
+def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float,
+                     sliding_window: int | None) -> tuple[int, int, int, int]:
+    """-> (num_seqs, num_heads, head_dim, num_kv_heads) after checking everything on the host."""
+    _check_cache(k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
+    _, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if head_dim != k_cache.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError("q needs a contiguous last (head_dim) dimension")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python number, got {scale!r}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    num_seqs = _check_meta(meta, block_size)
+    _check_devices(q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
+                   seq_lens=meta.seq_lens, query_start_loc=meta.query_start_loc)
+    return num_seqs, num_heads, head_dim, num_kv_heads
+
+
+def _check_meta(meta: AttentionMetadata, block_size: int) -> int:
+    if meta.seq_lens.dim() != 1 or meta.seq_lens.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"meta.seq_lens must be (B,) int32/int64, got "
+                         f"{tuple(meta.seq_lens.shape)} {meta.seq_lens.dtype}")
+    num_seqs = meta.seq_lens.shape[0]
+    tables = meta.block_tables
+    if tables.dim() != 2 or tables.shape[0] != num_seqs or tables.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"meta.block_tables must be ({num_seqs}, max_blocks) int32/int64, "
+                         f"got {tuple(tables.shape)} {tables.dtype}")
+    if tables.stride(1) != 1:
+        raise ValueError("meta.block_tables needs contiguous rows")
+    if meta.query_start_loc.dtype not in _INDEX_DTYPES or meta.query_start_loc.dim() != 1:
+        raise ValueError(f"meta.query_start_loc must be 1-D int32/int64, got "
+                         f"{tuple(meta.query_start_loc.shape)} {meta.query_start_loc.dtype}")
+    if tables.shape[1] * block_size < meta.max_seq_len:
+        raise ValueError(f"meta.block_tables has {tables.shape[1]} blocks of {block_size} tokens, "
+                         f"fewer than meta.max_seq_len = {meta.max_seq_len}")
+    return num_seqs
+
+
+_INTERPRETED = not isinstance(_write_kv_kernel, triton.runtime.JITFunction)

@@ -1,0 +1,48 @@
+"""The plan the scheduler hands the model runner, and what the runner hands back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvtier.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this chunk reaches the request's last token: sample the next one
+    params: SamplingParams
+    all_token_ids: list[int]  # prompt + outputs so far (read by penalties)
+    num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted_request_ids: list[str]
+    finished_request_ids: list[str]  # finished since the last plan: the runner drops their state
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token_id, logprob), best first
+
+
+@dataclasses.dataclass
+class RunnerOutput:
+    sampled: dict[str, SampledToken]  # request id -> the token sampled for it this step

@@ -1,0 +1,167 @@
+"""Continuous batching over tokens.
+
+There are no prefill and decode phases: each step gives every running request, then waiting
+requests, up to `num_tokens - num_computed_tokens` new tokens under the step's token budget
+(`max_num_batched_tokens`). Long prompts are thereby chunked, and prefill chunks and decodes of
+different requests share a step. When blocks run out, the most recently admitted running
+request is preempted (its blocks freed, recomputed later) and it resumes first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.request import Request, RequestStatus
+from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Finish (stop string, abort, ...) requests wherever they are; frees their blocks."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.finish(status)
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        self.kv_cache.forget(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        out = SchedulerOutput([self._plan(r, n) for r, n in scheduled],
+                              [r.request_id for r in preempted], self._finished_ids)
+        self._finished_ids = []
+        return out
+
+    def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    return budget
+            scheduled.append((request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, budget: int, scheduled: list) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv_cache.get_computed_blocks(request)
+            num_cached = len(hits) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:  # first admission, not a resume
+                request.metrics.num_cached_tokens = num_cached
+                request.metrics.first_scheduled_time = time.time()
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+    def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id, token_ids=request.all_token_ids[start:start + num_new],
+            start_pos=start, block_ids=self.kv_cache.block_ids(request.request_id),
+            sample=start + num_new == request.num_tokens, params=request.params,
+            all_token_ids=request.all_token_ids, num_prompt_tokens=request.num_prompt_tokens,
+            eos_token_ids=request.eos_token_ids)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def update_from_output(self, plan: SchedulerOutput, output: RunnerOutput) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
+
+        Returns the requests that received a token this step."""
+        updated = []
+        for item in plan.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished or preempted meanwhile
+            request.num_computed_tokens += len(item.token_ids)
+            sampled = output.sampled.get(item.request_id)
+            if sampled is None:
+                continue
+            request.append_output_token(sampled.token_id)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = time.time()
+            updated.append(request)
+            self._check_stop(request)
+        return updated
+
+    def _check_stop(self, request: Request) -> None:
+        params, token = request.params, request.output_token_ids[-1]
+        status, reason = None, None
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif token in params.stop_token_ids:
+                status, reason = RequestStatus.FINISHED_STOPPED, token
+        if status is None and (request.num_output_tokens >= (params.max_tokens or float("inf"))
+                               or request.num_tokens >= self.config.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.running.remove(request)
+            request.finish(status, reason)
+            self._release(request)

@@ -1,0 +1,277 @@
+"""Triton paged-attention kernels against the pure-torch references, on the CPU (Triton interpreter).
+
+Triton 3.9 reads TRITON_INTERPRET when a `@triton.jit` decorator runs, i.e. when
+kvtier.ops.triton_attention is first imported, not when triton itself is imported, so setting it
+here works even if other test modules imported torch and triton first. If another module already
+imported the kernels compiled (say through kvtier.models), the reload below re-runs the module in
+place: its launchers, wherever they were imported, then launch interpreted kernels.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kvtier.ops.triton_attention as ta  # noqa: E402
+from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
+
+if not ta._INTERPRETED:
+    ta = importlib.reload(ta)
+
+FP32_ATOL = 1e-4
+LOW_PRECISION_REL = 1e-2
+
+
+def _batch(seq_lens, q_lens, num_kv_heads, group, head_dim=32, block_size=16,
+           dtype=torch.float32, seed=0):
+    """Random caches, shuffled block tables, this step's K/V written; -> (q, k_cache, v_cache, meta)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks hold garbage that must never be read
+    max_blocks = max(blocks_per_seq) + 1
+    ids = torch.randperm(num_blocks, generator=gen)
+    tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=gen)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = ids[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    slots = [int(tables[b, p // block_size]) * block_size + p % block_size
+             for b, (s, n) in enumerate(zip(seq_lens, q_lens)) for p in range(s - n, s)]
+    num_tokens = len(slots)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables.to(torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        seq_lens_list=list(seq_lens), query_lens_list=list(q_lens))
+    write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, meta
+
+
+def _assert_close(out, q, k_cache, v_cache, meta, scale, window=None, rows=slice(None)):
+    """Against the fp32 reference: fp32 within FP32_ATOL, 16-bit within LOW_PRECISION_REL."""
+    ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale, window)
+    out, ref = out[rows].float(), ref[rows]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    if q.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=FP32_ATOL, rtol=0)
+    else:
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel <= LOW_PRECISION_REL, rel
+
+
+# ----------------------------------------------------------------------------------- write_kv
+
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float32),
+                                                   (torch.float32, torch.bfloat16),
+                                                   (torch.float16, torch.float16)])
+def test_write_kv_matches_reference(src_dtype, cache_dtype):
+    gen = torch.Generator().manual_seed(1)
+    num_tokens, num_kv_heads, head_dim = 7, 3, 32
+    k_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    # k, v as views into a fused qkv projection output: strided tokens, contiguous head_dim
+    qkv = torch.randn(num_tokens, 4 * num_kv_heads, head_dim, generator=gen).to(src_dtype)
+    k, v = qkv[:, num_kv_heads:2 * num_kv_heads], qkv[:, 3 * num_kv_heads:]
+    slots = torch.randperm(6 * 8, generator=gen)[:num_tokens]
+    slots[[1, 4]] = -1  # padding tokens are not written
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k, v, k_ref, v_ref, slots)
+    ta.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+# ----------------------------------------------------------------------------------- prefill
+
+# seq 0: plain prefill; 1: 80 cached + 20 new; 2: q_len 1 (a decode inside a mixed batch);
+# 3: 60 cached + 4 new; 4: nothing scheduled this step
+PREFILL_SEQ_LENS = [37, 100, 17, 64, 9]
+PREFILL_Q_LENS = [37, 20, 1, 4, 0]
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,block_size,block_m", [
+    (torch.float32, 1, 32, 16, None),
+    (torch.float32, 3, 64, 8, 32),
+    (torch.bfloat16, 3, 32, 16, 16),
+    (torch.float16, 1, 32, 32, None),
+])
+def test_prefill_matches_reference(monkeypatch, dtype, group, head_dim, block_size, block_m):
+    if block_m is not None:  # several query tiles per sequence, as at full size
+        monkeypatch.setattr(ta, "PREFILL_BLOCK_M", block_m)
+    q, k_cache, v_cache, meta = _batch(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 2, group, head_dim,
+                                       block_size, dtype)
+    scale = head_dim ** -0.5
+    out = ta.paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+    _assert_close(out, q, k_cache, v_cache, meta, scale)
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 24), (torch.bfloat16, 5)])
+def test_prefill_sliding_window(monkeypatch, dtype, window):
+    monkeypatch.setattr(ta, "PREFILL_BLOCK_M", 16)
+    q, k_cache, v_cache, meta = _batch([100, 33, 70], [40, 33, 1], 1, 3, dtype=dtype, seed=2)
+    out = ta.paged_prefill_attention(q, k_cache, v_cache, meta, 0.3, window)
+    _assert_close(out, q, k_cache, v_cache, meta, 0.3, window)
+
+
+# ----------------------------------------------------------------------------------- decode
+
+DECODE_SEQ_LENS = [1, 37, 100, 64, 16]
+
+
+@pytest.mark.parametrize("dtype,group,num_splits", [
+    (torch.float32, 1, None),
+    (torch.float32, 3, 3),
+    (torch.float32, 1, 8),  # more splits than some sequences have tiles: empty splits
+    (torch.bfloat16, 3, 4),
+    (torch.float16, 3, None),
+])
+def test_decode_matches_reference(dtype, group, num_splits):
+    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 2, group, dtype=dtype, seed=3)
+    out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
+    _assert_close(out, q, k_cache, v_cache, meta, 0.2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_sliding_window(num_splits):
+    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 1, 3, block_size=8, seed=4)
+    out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, 30, num_splits=num_splits)
+    _assert_close(out, q, k_cache, v_cache, meta, 0.2, 30)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_padding_sequence_gives_zeros(num_splits):
+    """A CUDA-graph padding row (seq_len 0) must not produce NaN or disturb the others."""
+    q, k_cache, v_cache, meta = _batch([20, 50], [1, 1], 1, 1, seed=5)
+    q = torch.cat([q, torch.randn(1, *q.shape[1:])])
+    meta.block_tables = torch.cat([meta.block_tables, meta.block_tables[:1]])
+    meta.seq_lens = torch.tensor([20, 50, 0], dtype=torch.int32)
+    meta.seq_lens_list = [20, 50, 0]
+    out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    _assert_close(out, q, k_cache, v_cache, meta, 0.2, rows=slice(0, 2))
+
+
+def test_dispatch_and_prefill_kernel_on_decode_batch():
+    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 2, 3, seed=6)
+    decode = ta.paged_attention(q, k_cache, v_cache, meta, 0.2)
+    prefill = ta.paged_prefill_attention(q, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(decode, prefill, atol=FP32_ATOL, rtol=0)
+    q, k_cache, v_cache, meta = _batch([30, 9], [3, 1], 2, 3, seed=7)
+    _assert_close(ta.paged_attention(q, k_cache, v_cache, meta, 0.2), q, k_cache, v_cache, meta, 0.2)
+
+
+def test_launchers_never_sync(monkeypatch):
+    """No .item()/.tolist() in the launchers: they must be capturable in a CUDA graph."""
+    q, k_cache, v_cache, meta = _batch([30, 9], [1, 1], 1, 1, seed=8)
+    k = torch.randn(2, *k_cache.shape[2:])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in a launcher")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(ta, "_INTERPRETED", True)
+    ta.write_kv(k, k, k_cache, v_cache, meta.slot_mapping)
+    calls = []
+    for launch in ("_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel"):
+        monkeypatch.setattr(ta, launch, _RecordGrid(calls))
+    ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=2)
+    ta.paged_prefill_attention(q, k_cache, v_cache, meta, 0.2)
+    assert len(calls) == 3 and all(isinstance(n, int) for grid in calls for n in grid)
+
+
+class _RecordGrid:
+    """Stands in for a kernel: records the grid instead of running (the interpreter syncs)."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_num_decode_splits_heuristic():
+    assert ta.num_decode_splits(64, 8, 2048, 132) == 2
+    assert ta.num_decode_splits(8, 8, 512, 132) == 4
+    assert ta.num_decode_splits(1, 8, 32768, 132) == ta.DECODE_MAX_SPLITS
+    assert ta.num_decode_splits(256, 8, 4096, 132) == 1
+    assert ta.num_decode_splits(4, 8, 100, 132) == 1  # short contexts are not split
+
+
+# ----------------------------------------------------------------------------------- errors
+
+def _errors_case():
+    return _batch([20, 9], [1, 1], 2, 2, seed=9)
+
+
+def _with(meta, **changes):
+    import dataclasses
+    return dataclasses.replace(meta, **changes)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, kc, vc, m: (q.to(torch.float16), kc, vc, m), "q dtype"),
+    (lambda q, kc, vc, m: (q[..., :16], kc, vc, m), "head_dim"),
+    (lambda q, kc, vc, m: (q[:, :3], kc, vc, m), "multiple of num_kv_heads"),
+    (lambda q, kc, vc, m: (q[0], kc, vc, m), r"q must be \(T, Hq, D\)"),
+    (lambda q, kc, vc, m: (q, kc, vc[:-1], m), "must match"),
+    (lambda q, kc, vc, m: (q, kc.int(), vc.int(), m), "cache dtype"),
+    (lambda q, kc, vc, m: (q, kc[..., :24], vc[..., :24], m), "power of two"),
+    (lambda q, kc, vc, m: (q.transpose(0, 2).contiguous().transpose(0, 2), kc, vc, m),
+     "contiguous"),
+    (lambda q, kc, vc, m: (q, kc, vc, _with(m, seq_lens=m.seq_lens.float())), "seq_lens"),
+    (lambda q, kc, vc, m: (q, kc, vc, _with(m, block_tables=m.block_tables[:1])), "block_tables"),
+    (lambda q, kc, vc, m: (q, kc, vc, _with(m, max_seq_len=10_000)), "fewer than"),
+    (lambda q, kc, vc, m: (q, kc, vc, _with(m, seq_lens=m.seq_lens.to("meta"))), "is on meta"),
+    (lambda q, kc, vc, m: (q[:1], kc, vc, m), "one query per sequence"),
+])
+def test_attention_launcher_errors(mutate, match):
+    q, k_cache, v_cache, meta = mutate(*_errors_case())
+    with pytest.raises(ValueError, match=match):
+        ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2)
+
+
+def test_attention_argument_errors():
+    q, k_cache, v_cache, meta = _errors_case()
+    with pytest.raises(ValueError, match="sliding_window"):
+        ta.paged_attention(q, k_cache, v_cache, meta, 0.2, sliding_window=0)
+    with pytest.raises(ValueError, match="scale"):
+        ta.paged_attention(q, k_cache, v_cache, meta, float("nan"))
+    with pytest.raises(ValueError, match="num_splits"):
+        ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=0)
+    with pytest.raises(ValueError, match="max_query_len"):
+        ta.paged_decode_attention(q, k_cache, v_cache, _with(meta, max_query_len=2), 0.2)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        ta.paged_prefill_attention(q, k_cache, v_cache,
+                                   _with(meta, query_start_loc=meta.query_start_loc[:2]), 0.2)
+
+
+def test_write_kv_errors(monkeypatch):
+    q, k_cache, v_cache, meta = _errors_case()
+    k = torch.randn(2, 2, 32)
+    slots = meta.slot_mapping
+    with pytest.raises(ValueError, match="k and v must both"):
+        ta.write_kv(k, k[:1], k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="does not match"):
+        ta.write_kv(k[:, :1], k[:, :1], k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ta.write_kv(k, k, k_cache, v_cache, slots[:1])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ta.write_kv(k, k, k_cache, v_cache, slots.float())
+    with pytest.raises(ValueError, match="is on meta"):
+        ta.write_kv(k, k, k_cache, v_cache, slots.to("meta"))
+    monkeypatch.setattr(ta, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        ta.write_kv(k, k, k_cache, v_cache, slots)

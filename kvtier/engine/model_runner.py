@@ -43,6 +43,7 @@ class ModelRunner:
         self.model, self.cfg, self.kv_caches = model, cfg, kv_caches
         self.block_size, self.device = block_size, device
         self.sampler = Sampler(device, seed)
+        self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -50,6 +51,7 @@ class ModelRunner:
         if plan.is_empty:
             return RunnerOutput({})
         inputs = self.prepare_inputs(plan.scheduled)
+        self.num_computed_tokens += inputs.input_ids.shape[0]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, h)
         if not inputs.sample_items:
             return RunnerOutput({})

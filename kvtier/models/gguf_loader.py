@@ -158,6 +158,8 @@ def hf_config_from_gguf(reader: Any) -> dict[str, Any]:
                          f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
     hf_arch, model_type = SUPPORTED_ARCHITECTURES[arch]
     names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise ValueError("GGUF file has no token_embd.weight tensor")
     hidden, heads = int(_field(reader, f"{arch}.embedding_length")), int(_field(reader, f"{arch}.attention.head_count"))
     config = {
         "architectures": [hf_arch], "model_type": model_type,

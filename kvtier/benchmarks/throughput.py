@@ -1,0 +1,171 @@
+"""`kvtier bench throughput`: offline throughput, decode step time against the memory roofline,
+prefill MFU against the measured matmul rate, and optionally HF transformers on the same prompts.
+
+Decode roofline per step = (weight bytes + K/V bytes the step's attention reads) / measured
+device copy bandwidth; `roofline_fraction` = roofline / measured (1.0 is the limit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from kvtier.benchmarks.datasets import BenchRequest
+from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth
+from kvtier.engine.model_runner import StepRecord
+from kvtier.entrypoints.llm import LLM
+from kvtier.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class DeviceRates:
+    mem_bw: float  # bytes/s, device copy (read + write)
+    flops: float  # FLOP/s, dense matmul in the model dtype
+
+    @classmethod
+    def measure(cls, device: torch.device, dtype: torch.dtype) -> "DeviceRates":
+        return cls(memory_bandwidth(device), matmul_flops(device, dtype))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
+
+
+def device_info(llm: LLM) -> dict[str, Any]:
+    dev = llm.engine.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    cfg = llm.engine.model_config
+    return {"device": name, "torch_version": torch.__version__, "model": llm.engine.model_name,
+            "architecture": cfg.architecture, "dtype": str(llm.engine.dtype).replace("torch.", ""),
+            "num_params": sum(p.numel() for p in llm.engine.runner.model.parameters()),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True) -> tuple[float, list, list[StepRecord]]:
+    """Generate greedily; returns (seconds, outputs, per-step records)."""
+    runner = llm.engine.runner
+    runner.step_log = []
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in reqs]
+    _sync(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
+    _sync(llm)
+    seconds = time.perf_counter() - t0
+    steps, runner.step_log = runner.step_log, None
+    return seconds, outs, steps
+
+
+def _sync(llm: LLM) -> None:
+    if llm.engine.device.type == "cuda":
+        torch.cuda.synchronize(llm.engine.device)
+
+
+def decode_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+    """Median decode step at the largest batch seen, and its roofline."""
+    decode = [s for s in steps if s.decode_only]
+    if not decode:
+        return {}
+    full = max(s.num_seqs for s in decode)
+    at_full = [s for s in decode if s.num_seqs == full][1:] or [s for s in decode if s.num_seqs == full]
+    kv_tok = llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype.itemsize)
+    w_bytes = weight_bytes(llm.engine.runner.model)
+    measured = statistics.median(s.seconds for s in at_full)
+    mean_ctx = statistics.mean(s.sum_seq_lens for s in at_full)
+    roofline = (w_bytes + mean_ctx * kv_tok) / rates.mem_bw
+    return {"batch_size": full, "decode_step_ms": measured * 1e3, "roofline_step_ms": roofline * 1e3,
+            "roofline_fraction": roofline / measured, "decode_steps_measured": len(at_full),
+            "weight_gb": w_bytes / 1e9, "kv_gb_read_per_step": mean_ctx * kv_tok / 1e9}
+
+
+def prefill_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+    """Prefill tokens/s and MFU over steps that carry prompt tokens (matmuls + causal attention)."""
+    prefill = [s for s in steps if not s.decode_only]
+    if not prefill:
+        return {}
+    cfg = llm.engine.model_config
+    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())
+    tokens = sum(s.num_tokens for s in prefill)
+    seconds = sum(s.seconds for s in prefill)
+    # attention: QK^T and PV, 2 flops per MAC, each token attends to about half its context
+    attn = sum(4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s.num_tokens * (s.sum_seq_lens / max(s.num_seqs, 1)) / 2
+               for s in prefill)
+    flops = 2 * n_params * tokens + attn
+    return {"prefill_tokens": tokens, "prefill_s": seconds, "prefill_tok_s": tokens / seconds,
+            "prefill_tflops": flops / seconds / 1e12, "prefill_mfu": flops / seconds / rates.flops}
+
+
+def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
+              steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    num_in = sum(len(r.prompt_token_ids) for r in reqs)
+    res = {"num_prompts": len(reqs), "input_len": statistics.mean(len(r.prompt_token_ids) for r in reqs),
+           "output_len": statistics.mean(r.output_len for r in reqs), "elapsed_s": seconds,
+           "requests_per_s": len(reqs) / seconds, "output_tok_s": num_out / seconds,
+           "total_tok_s": (num_in + num_out) / seconds,
+           "mem_bw_gb_s": rates.mem_bw / 1e9, "matmul_tflops": rates.flops / 1e12}
+    res.update(decode_stats(llm, steps, rates))
+    res.update(prefill_stats(llm, steps, rates))
+    if llm.engine.device.type == "cuda":
+        res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(llm.engine.device) / 1e9
+    return res
+
+
+def hf_throughput(llm: LLM, reqs: list[BenchRequest], batch_size: int) -> dict[str, Any]:
+    """HF transformers `generate` (DynamicCache) on the same weights and prompts, in batches."""
+    model = hf_model_sharing_weights(llm)
+    dev = llm.engine.device
+    num_out, t0 = 0, time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        chunk = reqs[i:i + batch_size]
+        out_len = max(r.output_len for r in chunk)
+        ids = _left_pad([r.prompt_token_ids for r in chunk], dev)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        num_out += (out.shape[1] - ids["input_ids"].shape[1]) * len(chunk)
+    _sync(llm)
+    seconds = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return {"hf_elapsed_s": seconds, "hf_output_tok_s": num_out / seconds}
+
+
+def _left_pad(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def hf_model_sharing_weights(llm: LLM):
+    """An HF model whose parameters are kvtier's tensors (no copy): identical weights by construction."""
+    import transformers
+    cfg_dict = dict(llm.engine.model_config.hf_config_dict())
+    cfg_dict.update(_nested_config(llm))
+    model_type = cfg_dict.pop("model_type", None) or _MODEL_TYPES[llm.engine.model_config.architecture]
+    hf_cfg = transformers.CONFIG_MAPPING[model_type](**cfg_dict)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=llm.engine.dtype)
+    state = dict(llm.engine.runner.model.state_dict())
+    model.load_state_dict(state, strict=False, assign=True)
+    if hf_cfg.tie_word_embeddings:
+        model.tie_weights()
+    for name, buf in model.named_buffers():  # rotary inv_freq etc. are not in our state dict
+        if buf.is_meta:
+            raise RuntimeError(f"HF buffer {name} left uninitialized")
+    return model.eval()
+
+
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                "Qwen2ForCausalLM": "qwen2", "OPTForCausalLM": "opt"}
+
+
+def _nested_config(llm: LLM) -> dict[str, Any]:
+    scaling = llm.engine.model_config.rope_scaling_dict()
+    return {"rope_scaling": scaling} if scaling else {}

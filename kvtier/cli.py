@@ -35,8 +35,9 @@ _ENGINE_HELP = {
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "skip_tokenizer_init": "load no tokenizer; prompts must be token ids",
     "enforce_eager": "never capture CUDA graphs",
+    "attention_backend": "torch (reference) or triton; default: triton on GPU, torch on CPU",
 }
-_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES}
+_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton")}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
@@ -61,7 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
-    if getattr(args, "model_pos", None):
+    if getattr(args, "model_pos", None) is not None:
         if args.model and args.model != args.model_pos:
             raise SystemExit(f"error: model given twice ({args.model_pos!r} and --model {args.model!r})")
         kwargs["model"] = args.model_pos
@@ -157,6 +158,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.cli import run_bench_throughput
+    return run_bench_throughput(args)
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of kvtier.")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    tp = bsub.add_parser("throughput", help="offline throughput, decode roofline, prefill MFU",
+                         description="Offline throughput like vLLM's `bench throughput`, with the decode "
+                                     "step time against the memory roofline and prefill MFU.")
+    tp.add_argument("--num-prompts", type=int, default=16)
+    tp.add_argument("--input-len", type=int, default=1024, help="prompt tokens (random dataset)")
+    tp.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    tp.add_argument("--dataset", choices=("random", "sharegpt"), default="random")
+    tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    tp.add_argument("--compare", choices=("hf",), default=None,
+                    help="also run HF transformers generate on the same prompts and weights")
+    tp.add_argument("--hf-batch-size", type=int, default=None, help="HF batch (default: --max-num-seqs)")
+    tp.add_argument("--output-json", default=None, help="write the results here")
+    add_engine_args(tp, positional_model=False)
+    tp.set_defaults(func=cmd_bench_throughput)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="LLM inference with a KV cache "
                                      "spanning GPU and CPU memory")
@@ -179,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    _add_bench(sub)
     return parser
 
 

@@ -53,6 +53,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    attention_backend: str | None = None  # "torch" or "triton"; default: triton on GPU
+
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -61,6 +63,8 @@ class EngineConfig:
     def _validate(self) -> None:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("dtype", self.dtype, DTYPES)
+        if self.attention_backend is not None:
+            _choice("attention_backend", self.attention_backend, ("torch", "triton"))
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"invalid device {self.device!r}; choose one of {DEVICES} or 'cuda:N'")
         _positive("block_size", self.block_size)

@@ -104,4 +104,4 @@ def hf_tokenizer(smollm2):
 def smol_llm():
     """kvtier's LLM on the default model (SmolLM2 from the GGUF), fp32 on CPU."""
     from kvtier import LLM
-    return LLM(max_model_len=2048, kv_cache_memory="1GiB")
+    return LLM(max_model_len=2048, kv_cache_memory="1GiB", dtype="float32")

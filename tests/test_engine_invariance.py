@@ -11,7 +11,7 @@ NEW_TOKENS = 32
 
 
 def run(path, prompts, one_by_one=False, **engine_args):
-    llm = LLM(str(path), skip_tokenizer_init=True, **{"max_model_len": 256, **engine_args})
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{"max_model_len": 256, **engine_args})
     if one_by_one:
         outs = [llm.generate([p], greedy(NEW_TOKENS), use_tqdm=False)[0] for p in prompts]
     else:
@@ -53,7 +53,7 @@ def test_forced_preemption(model_path):
 
 def test_repeated_prompt_reports_and_skips_cached_prefix(model_path):
     prompt = random_prompts([70], seed=3)[0]
-    llm = LLM(str(model_path), skip_tokenizer_init=True, max_model_len=256)
+    llm = LLM(str(model_path), skip_tokenizer_init=True, dtype="float32", max_model_len=256)
     first = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
     computed_before = _computed_tokens(llm)
     second = llm.generate([prompt], greedy(8), use_tqdm=False)[0]

@@ -14,7 +14,7 @@ from kvtier.models.config import UnsupportedModelError
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return LLM(str(tiny_model_dir("tiny-llama")[0]), skip_tokenizer_init=True, max_model_len=64)
+    return LLM(str(tiny_model_dir("tiny-llama")[0]), skip_tokenizer_init=True, dtype="float32", max_model_len=64)
 
 
 def test_prompt_longer_than_model_len_is_rejected_and_others_still_run(llm):

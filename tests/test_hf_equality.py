@@ -13,7 +13,7 @@ NEW_TOKENS = 32
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-llama31", "tiny-mistral"])
 def test_tiny_models_match_hf(tiny_model_dir, name):
     path, hf = tiny_model_dir(name)
-    llm = LLM(str(path), skip_tokenizer_init=True, max_model_len=256)
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=256)
     prompts = random_prompts(MIXED_LENGTHS)
     outs = llm.generate(prompts, greedy(NEW_TOKENS), use_tqdm=False)
     for prompt, out in zip(prompts, outs):

@@ -11,7 +11,7 @@ from kvtier import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return LLM(str(tiny_model_dir("tiny-llama")[0]), skip_tokenizer_init=True, max_model_len=256)
+    return LLM(str(tiny_model_dir("tiny-llama")[0]), skip_tokenizer_init=True, dtype="float32", max_model_len=256)
 
 
 PROMPTS = random_prompts([6, 20, 11])

@@ -79,7 +79,7 @@ def test_random_schedules_on_real_engine(tiny_model_dir, ops, num_blocks, seed):
     from kvtier import LLM
     rng = random.Random(seed)
     path, _ = tiny_model_dir("tiny-llama")
-    llm = LLM(str(path), skip_tokenizer_init=True, num_gpu_blocks_override=num_blocks,
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", num_gpu_blocks_override=num_blocks,
               max_model_len=num_blocks * 16, max_num_batched_tokens=24, max_num_seqs=4)
     engine, ids = llm.engine, []
     for op in ops:

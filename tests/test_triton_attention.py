@@ -136,6 +136,7 @@ PREFILL_Q_LENS = [37, 20, 1, 4, 0]
     (torch.float32, 3, 64, 8, 32),
     (torch.bfloat16, 3, 32, 16, 16),
     (torch.float16, 1, 32, 32, None),
+    (torch.bfloat16, 1, 128, 16, 64),
 ])
 def test_prefill_matches_reference(monkeypatch, dtype, group, head_dim, block_size, block_m):
     if block_m is not None:  # several query tiles per sequence, as at full size
@@ -169,15 +170,16 @@ def test_prefill_tile_edges(monkeypatch, dtype, window, block_n):
 DECODE_SEQ_LENS = [1, 37, 100, 64, 16]
 
 
-@pytest.mark.parametrize("dtype,group,num_splits", [
-    (torch.float32, 1, None),
-    (torch.float32, 3, 3),
-    (torch.float32, 1, 8),  # more splits than some sequences have tiles: empty splits
-    (torch.bfloat16, 3, 4),
-    (torch.float16, 3, None),
+@pytest.mark.parametrize("dtype,group,head_dim,num_splits", [
+    (torch.float32, 1, 32, None),
+    (torch.float32, 3, 64, 3),
+    (torch.float32, 1, 32, 8),  # more splits than some sequences have tiles: empty splits
+    (torch.bfloat16, 3, 128, 4),
+    (torch.float16, 3, 32, None),
 ])
-def test_decode_matches_reference(dtype, group, num_splits):
-    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 2, group, dtype=dtype, seed=3)
+def test_decode_matches_reference(dtype, group, head_dim, num_splits):
+    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 2, group, head_dim, dtype=dtype,
+                                       seed=3)
     out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
     _assert_close(out, q, k_cache, v_cache, meta, 0.2)
 

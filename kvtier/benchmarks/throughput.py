@@ -117,7 +117,14 @@ def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
 
 
 def hf_throughput(llm: LLM, reqs: list[BenchRequest], batch_size: int) -> dict[str, Any]:
-    """HF transformers `generate` (DynamicCache) on the same weights and prompts, in batches."""
+    """HF transformers `generate` (DynamicCache) on the same weights and prompts, in batches.
+
+    Frees kvtier's KV cache first to give HF the memory: run it last."""
+    llm.engine.runner.kv_caches = None
+    llm.engine.runner.graphs = None  # graphs hold the KV cache and their own memory pool
+    gc.collect()
+    if llm.engine.device.type == "cuda":
+        torch.cuda.empty_cache()
     model = hf_model_sharing_weights(llm)
     dev = llm.engine.device
     num_out, t0 = 0, time.perf_counter()
@@ -156,10 +163,20 @@ def hf_model_sharing_weights(llm: LLM):
     model.load_state_dict(state, strict=False, assign=True)
     if hf_cfg.tie_word_embeddings:
         model.tie_weights()
-    for name, buf in model.named_buffers():  # rotary inv_freq etc. are not in our state dict
-        if buf.is_meta:
-            raise RuntimeError(f"HF buffer {name} left uninitialized")
+    _materialize_buffers(model, hf_cfg, llm.engine.device)
     return model.eval()
+
+
+def _materialize_buffers(model, hf_cfg, device: torch.device) -> None:
+    """Rebuild modules left with meta buffers (HF's rotary inv_freq) on the device."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, type(module)(config=hf_cfg).to(device))
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"HF buffers left uninitialized: {left}")
 
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",

@@ -74,7 +74,10 @@ class LLMEngine:
         num_blocks = self._num_blocks(model)
         self.max_model_len = self._max_model_len(num_blocks)
         kv = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed)
+        self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
+                                  config.attention_backend)
+        if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)

@@ -8,7 +8,9 @@ import time
 import torch
 from torch import nn
 
+from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.sampler import Sampler
+from kvtier.models.layers import set_attention_backend
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import AttentionMetadata
 from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -48,11 +50,25 @@ class ModelInputs:
     sample_items: list[ScheduledRequest]
 
 
+def default_attention_backend(device: torch.device) -> str:
+    """Triton kernels on a GPU when Triton is installed; the pure-torch reference otherwise."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, kv_caches: list, block_size: int,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, attention_backend: str | None = None):
         self.model, self.cfg, self.kv_caches = model, cfg, kv_caches
         self.block_size, self.device = block_size, device
+        self.attention_backend = attention_backend or default_attention_backend(device)
+        set_attention_backend(model, self.attention_backend)
+        self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list; synchronizes per step
@@ -74,15 +90,32 @@ class ModelRunner:
                                         time.perf_counter() - start))
         return out
 
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        if self.device.type != "cuda" or self.attention_backend != "triton":
+            raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
+                                   self.block_size, self.device)
+        self.graphs.capture()
+
     def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare_inputs(plan.scheduled)
         self.num_computed_tokens += inputs.input_ids.shape[0]
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, h)
-        if not inputs.sample_items:
+        logits = self._logits(inputs)
+        if logits is None:
             return RunnerOutput({})
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, vocab)
         sampled = self.sampler(logits, inputs.sample_items)
         return RunnerOutput({item.request_id: s for item, s in zip(inputs.sample_items, sampled)})
+
+    def _logits(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """(S, vocab) fp32 for the sequences that sample; decode steps replay a CUDA graph."""
+        meta = inputs.meta
+        if (self.graphs is not None and meta.is_decode_only and self.graphs.can_run(meta.num_seqs)
+                and len(inputs.sample_items) == meta.num_seqs):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # (T, h)
+        if not inputs.sample_items:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         bs = self.block_size

@@ -9,6 +9,18 @@ from torch import nn
 
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref
 
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+def _backend_fns(name: str):
+    """(write_kv, paged_attention) of a backend; Triton is imported only when chosen."""
+    if name == "triton":
+        from kvtier.ops import triton_attention as ta
+        return ta.write_kv, ta.paged_attention
+    if name == "torch":
+        return write_kv_ref, paged_attention_ref
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
@@ -86,11 +98,21 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.write_kv, self.attend = _backend_fns("torch")
+
+    def set_backend(self, name: str) -> None:
+        self.write_kv, self.attend = _backend_fns(name)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq*D)"""
         k_cache, v_cache = kv_cache
-        write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention_ref(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = self.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], -1)
+
+
+def set_attention_backend(model: nn.Module, name: str) -> None:
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.set_backend(name)

@@ -34,8 +34,11 @@ import triton.language as tl
 
 from kvtier.ops.attention import AttentionMetadata
 
-# Tuning constants. NOT yet tuned on a GPU: chosen from the usual Triton flash-attention settings
-# for head_dim 128 on an H100 (sm_90); benchmarks/kernels_gpu.py --sweep-splits measures them.
+# Tuning constants, NOT yet timed on a GPU: the usual Triton flash-attention settings for head_dim
+# 128 on an H100 (sm_90). Compiled ahead of time for sm_90 with Triton 3.6 and 3.9, bf16, Llama-3-8B
+# shape, they do not spill: decode ~107 registers x 4 warps and 38 KB shared memory (4 programs fit
+# an SM, hence DECODE_PROGRAMS_PER_SM), prefill ~202 registers x 8 warps and 96 KB. Time them with
+# benchmarks/kernels_gpu.py (--sweep-splits for the split heuristic) and record the GPU here.
 H100_NUM_SMS = 132  # used when there is no CUDA device to ask (interpreter on CPU)
 DECODE_BLOCK_N = 64  # keys per tile in the decode kernel
 DECODE_NUM_WARPS = 4

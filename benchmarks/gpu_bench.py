@@ -1,0 +1,76 @@
+"""GPU benchmark scenarios on one engine (Llama-3-8B shape, random bf16 weights), one JSON each.
+
+    decode   batch 64, 2048-token prompts, 64 new tokens: decode step vs the memory roofline
+    prefill  8 x 2048-token prompts, 1 new token: prefill MFU vs the measured matmul rate
+    vs_hf    batch 16, 2048-token prompts, 256 new tokens: output tok/s vs HF transformers (last:
+             it frees kvtier's KV cache to give HF the memory)
+
+Run by benchmarks/gpu_suite.sh; `--smoke` runs tiny shapes on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kvtier import LLM  # noqa: E402
+from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.benchmarks.throughput import (DeviceRates, device_info, hf_throughput,  # noqa: E402
+                                          run_requests, summarize)
+
+FULL = {"model": "llama3-8b", "decode": (64, 2048, 64), "prefill": (8, 2048, 1), "vs_hf": (16, 2048, 256),
+        "engine": dict(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=16384)}
+SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "prefill": (4, 64, 1), "vs_hf": (4, 64, 16),
+         "engine": dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=512)}
+
+
+def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int) -> dict:
+    num, input_len, output_len = shape
+    vocab = llm.engine.model_config.vocab_size
+    run_requests(llm, random_requests(2, 64, 4, vocab, seed + 100))  # warm-up, distinct prompts
+    reqs = random_requests(num, input_len, output_len, vocab, seed)
+    seconds, outs, steps = run_requests(llm, reqs)
+    res = {"scenario": name, **device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
+    res["engine_args"] = {k: v for k, v in vars(llm.engine.config).items() if v is not None}
+    return res, reqs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    spec = SMOKE if args.smoke else FULL
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    llm = LLM(spec["model"], load_format="dummy", enforce_eager=args.enforce_eager, **spec["engine"])
+    print(f"engine ready in {time.time() - t0:.1f}s (backend {llm.engine.runner.attention_backend}, "
+          f"graphs {llm.engine.runner.graphs is not None})", flush=True)
+    rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
+    rows = []
+    for i, name in enumerate(("decode", "prefill", "vs_hf")):
+        res, reqs = scenario(llm, rates, name, spec[name], seed=i)
+        if name == "vs_hf":
+            res.update(hf_throughput(llm, reqs, batch_size=spec[name][0]))
+            res["speedup_vs_hf"] = res["output_tok_s"] / res["hf_output_tok_s"]
+        with open(os.path.join(args.out, f"bench_{name}.json"), "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        rows.append(res)
+        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction",
+                                                   "prefill_mfu", "output_tok_s", "speedup_vs_hf")}), flush=True)
+    print("\nscenario  batch  in    out  step_ms  roofline_ms  roofline_frac  prefill_mfu  out_tok/s  vs_hf")
+    for r in rows:
+        print(f"{r['scenario']:<8}  {r['num_prompts']:>5}  {r['input_len']:>4.0f}  {r['output_len']:>4.0f}  "
+              f"{r.get('decode_step_ms', float('nan')):>7.2f}  {r.get('roofline_step_ms', float('nan')):>11.2f}  "
+              f"{r.get('roofline_fraction', float('nan')):>13.3f}  {r.get('prefill_mfu', float('nan')):>11.3f}  "
+              f"{r['output_tok_s']:>9.1f}  {r.get('speedup_vs_hf', float('nan')):>5.2f}")
+
+
+if __name__ == "__main__":
+    main()

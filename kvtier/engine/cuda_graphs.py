@@ -1,0 +1,86 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, sharing one memory pool.
+
+A decode step launches hundreds of small kernels; replaying a captured graph removes the launch
+overhead. Inputs live in static buffers that each replay overwrites:
+
+    rows [0, n)        the step's sequences
+    rows [n, size)     padding: slot -1 (no KV write), seq_len 0 (the kernel writes zeros), discarded
+
+Attention is captured with max_seq_len = max_model_len, so the decode kernel's grid (its context
+splits) is fixed; each program reads its sequence's true length from seq_lens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+from torch import nn
+
+from kvtier.ops.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, kv_caches: list, max_num_seqs: int, max_model_len: int,
+                 block_size: int, device: torch.device):
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_model_len = max_model_len
+        n, max_blocks = self.sizes[-1], -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
+                                 self.query_start_loc[:size + 1], 1, self.max_model_len)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
+        return self.model.compute_logits(hidden)  # (size, vocab) fp32
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest first, so smaller graphs reuse the pool's blocks."""
+        for size in reversed(self.sizes):
+            for _ in range(2):  # compile kernels, settle the allocator
+                self._forward(size)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[size] = self._forward(size)
+            self.pool = graph.pool()
+            self.graphs[size] = graph
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.sizes)
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay the smallest graph that fits; returns logits (n, vocab)."""
+        n = input_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.seq_lens[n:size].fill_(0)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

@@ -20,6 +20,7 @@ from kvtier.benchmarks.datasets import BenchRequest
 from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth
 from kvtier.engine.model_runner import StepRecord
 from kvtier.entrypoints.llm import LLM
+from kvtier.models.loader import hf_state_dict
 from kvtier.sampling_params import SamplingParams
 
 
@@ -159,7 +160,7 @@ def hf_model_sharing_weights(llm: LLM):
     hf_cfg = transformers.CONFIG_MAPPING[model_type](**cfg_dict)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=llm.engine.dtype)
-    state = dict(llm.engine.runner.model.state_dict())
+    state = hf_state_dict(llm.engine.runner.model)
     model.load_state_dict(state, strict=False, assign=True)
     if hf_cfg.tie_word_embeddings:
         model.tie_weights()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -103,13 +104,16 @@ class LLMEngine:
         cfg, block_bytes = self.config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
+        # Without an explicit size, never more than 4x what max_num_seqs full-length sequences
+        # need (the rest only holds cached prefixes); a tiny model would otherwise get millions.
+        full = cfg.max_model_len or self.model_config.max_position_embeddings
+        cap = 4 * -(-full // cfg.block_size) * cfg.max_num_seqs * block_bytes
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
         elif self.device.type == "cuda":
-            budget = self._cuda_kv_budget()
-        else:  # CPU: a fixed default, no larger than max_num_seqs full-length sequences need
-            full = self.config.max_model_len or self.model_config.max_position_embeddings
-            budget = min(DEFAULT_CPU_KV_CACHE_BYTES, -(-full // cfg.block_size) * cfg.max_num_seqs * block_bytes)
+            budget = min(self._cuda_kv_budget(), cap)
+        else:  # CPU: a fixed default
+            budget = min(DEFAULT_CPU_KV_CACHE_BYTES, cap)
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
             raise ConfigError(f"the KV cache budget of {budget / 2**30:.2f} GiB holds no block of "
@@ -118,6 +122,8 @@ class LLMEngine:
 
     def _cuda_kv_budget(self) -> int:
         """vLLM's meaning: the engine may use this fraction of the GPU's total memory in all."""
+        gc.collect()  # an engine dropped earlier in this process must not count as in use
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._activation_reserve()
         budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,28 +119,30 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
+        """Flatten the step's tokens; numpy on the host, one copy per tensor to the device."""
         bs = self.block_size
-        input_ids, positions, slots, starts, logits_idx = [], [], [], [0], []
-        for item in scheduled:
-            pos = range(item.start_pos, item.start_pos + len(item.token_ids))
-            input_ids += item.token_ids
-            positions += pos
-            slots += [item.block_ids[p // bs] * bs + p % bs for p in pos]
-            starts.append(starts[-1] + len(item.token_ids))
-            if item.sample:
-                logits_idx.append(starts[-1] - 1)
-        seq_lens = [s.start_pos + len(s.token_ids) for s in scheduled]
-        query_lens = [len(s.token_ids) for s in scheduled]
+        query_lens = np.fromiter((len(s.token_ids) for s in scheduled), np.int64, len(scheduled))
+        start_pos = np.fromiter((s.start_pos for s in scheduled), np.int64, len(scheduled))
+        seq_lens = start_pos + query_lens
+        starts = np.zeros(len(scheduled) + 1, np.int64)
+        np.cumsum(query_lens, out=starts[1:])
         max_blocks = max(len(s.block_ids) for s in scheduled)
-        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in scheduled]
+        tables = np.zeros((len(scheduled), max_blocks), np.int32)
+        for i, s in enumerate(scheduled):
+            tables[i, :len(s.block_ids)] = s.block_ids
+        # position of every token, then its slot through its sequence's block table
+        seq_of_token = np.repeat(np.arange(len(scheduled)), query_lens)
+        positions = np.arange(starts[-1]) - starts[seq_of_token] + start_pos[seq_of_token]
+        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        input_ids = np.fromiter((t for s in scheduled for t in s.token_ids), np.int64, int(starts[-1]))
+        sample = [i for i, s in enumerate(scheduled) if s.sample]
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(tables, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32), query_start_loc=self._tensor(starts, torch.int32),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            seq_lens_list=seq_lens, query_lens_list=query_lens)
-        return ModelInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64),
-                           meta, self._tensor(logits_idx, torch.int64),
-                           [s for s in scheduled if s.sample])
+            slot_mapping=self._tensor(slots), block_tables=self._tensor(tables),
+            seq_lens=self._tensor(seq_lens.astype(np.int32)), query_start_loc=self._tensor(starts.astype(np.int32)),
+            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            seq_lens_list=seq_lens.tolist(), query_lens_list=query_lens.tolist())
+        return ModelInputs(self._tensor(input_ids), self._tensor(positions), meta,
+                           self._tensor(starts[1:][sample] - 1), [scheduled[i] for i in sample])
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+    def _tensor(self, data: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(data).to(self.device, non_blocking=True)

@@ -55,7 +55,8 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     def hf_config_dict(self) -> dict[str, Any]:
-        return dict(self.hf_config)
+        """The original config.json items (lists restored; nested dicts are not kept)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.hf_config}
 
     def num_params(self) -> int:
         h, i, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers

@@ -87,30 +87,69 @@ def _retie(model: nn.Module, cfg: ModelConfig) -> None:
 def load_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     """Copy every tensor of the directory's safetensors into the model (casting to its dtype)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    files = _safetensors_files(path)
+    loaded: dict[str, int] = {}  # our parameter -> shards written
     with tqdm(desc=f"loading {path.name}", unit="tensor", leave=False) as bar:
-        for file in files:
+        for file in _safetensors_files(path):
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    _copy_weight(params, key, f, file, cfg)
-                    loaded.add(key)
+                    target = _copy_weight(model, params, key, f.get_tensor(key), cfg, file)
+                    if target:
+                        loaded[target] = loaded.get(target, 0) + 1
                     bar.update()
-    missing = set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    _check_complete(model, params, loaded, cfg, path)
+
+
+def hf_to_param(model: nn.Module, hf_name: str) -> tuple[str, int | None, int | None]:
+    """HF weight name -> (our parameter name, row range or None) through the model's fusions."""
+    prefix, _, rest = hf_name.rpartition(".")  # rest: weight / bias
+    parent, _, module = prefix.rpartition(".")
+    packed = model.packed_modules.get(module)
+    if packed is None:
+        return hf_name, None, None
+    fused, start, end = packed
+    return f"{parent}.{fused}.{rest}", start, end
+
+
+def _copy_weight(model: nn.Module, params: dict, key: str, tensor: torch.Tensor, cfg: ModelConfig,
+                 file: Path) -> str | None:
+    name, start, end = hf_to_param(model, key)
+    if name not in params:
+        if "rotary_emb" in key:
+            return None
+        raise ValueError(f"unexpected weight {key!r} in {file.name} for {cfg.architecture}")
+    dest = params[name].data if start is None else params[name].data[start:end]
+    if tensor.shape != dest.shape:
+        raise ValueError(f"weight {key!r} has shape {tuple(tensor.shape)}, "
+                         f"the model expects {tuple(dest.shape)}")
+    dest.copy_(tensor)
+    return name
+
+
+def _check_complete(model: nn.Module, params: dict, loaded: dict[str, int], cfg: ModelConfig,
+                    path: Path) -> None:
+    shards: dict[str, int] = {}
+    for fused, _, _ in model.packed_modules.values():
+        shards[fused] = shards.get(fused, 0) + 1
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [n for n in params if n not in tied
+               and loaded.get(n, 0) < shards.get(n.rsplit(".", 2)[-2], 1)]
     if missing:
         raise ValueError(f"weights missing from {path}: {sorted(missing)[:8]}")
 
 
-def _copy_weight(params: dict[str, nn.Parameter], key: str, f: Any, file: Path, cfg: ModelConfig) -> None:
-    if key not in params:
-        if "rotary_emb" in key:
-            return
-        raise ValueError(f"unexpected weight {key!r} in {file.name} for {cfg.architecture}")
-    tensor = f.get_tensor(key)
-    if tensor.shape != params[key].shape:
-        raise ValueError(f"weight {key!r} has shape {tuple(tensor.shape)}, "
-                         f"the model expects {tuple(params[key].shape)}")
-    params[key].data.copy_(tensor)
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names (fused ones as row views, no copies)."""
+    inverse = {(fused, start, end): hf for hf, (fused, start, end) in model.packed_modules.items()}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, rest = name.rpartition(".")
+        parent, _, module = prefix.rpartition(".")
+        parts = [(hf, s, e) for (fused, s, e), hf in inverse.items() if fused == module]
+        if not parts:
+            out[name] = tensor
+        for hf, s, e in parts:
+            out[f"{parent}.{hf}.{rest}"] = tensor[s:e]
+    return out
 
 
 def _safetensors_files(path: Path) -> list[Path]:

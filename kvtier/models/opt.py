@@ -95,6 +95,7 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = nn.Linear(proj, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
+        self.packed_modules: dict[str, tuple[str, int, int]] = {}  # OPT keeps HF's modules as they are
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -19,6 +19,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
+        self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the pool
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
@@ -71,10 +72,15 @@ class KVCacheManager:
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:
             return
+        num_full = num_tokens // self.block_size
+        done = self.req_num_cached.get(request.request_id, 0)
+        if num_full <= done:
+            return
         hashes = self._hashes(request)
         blocks = self.req_blocks[request.request_id]
-        for i in range(min(num_tokens // self.block_size, len(hashes))):
+        for i in range(done, min(num_full, len(hashes))):
             self.pool.cache_block(blocks[i], hashes[i])
+        self.req_num_cached[request.request_id] = min(num_full, len(hashes))
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
@@ -82,6 +88,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (see BlockPool.free)."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
     def forget(self, request: Request) -> None:

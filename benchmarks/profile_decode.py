@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: host input preparation, the forward (graph replay), sampling,
+and the engine's own bookkeeping. Synchronizes around each part, so totals exceed a normal step.
+
+    python3 benchmarks/profile_decode.py [--model llama3-8b] [--batch 64] [--input-len 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import collections
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+from kvtier import LLM, SamplingParams  # noqa: E402
+from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+
+TIMES: dict[str, list[float]] = collections.defaultdict(list)
+
+
+def timed(name, fn, device):
+    def wrapper(*a, **kw):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        TIMES[name].append((time.perf_counter() - t0) * 1e3)
+        return out
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=2048)
+    ap.add_argument("--output-len", type=int, default=32)
+    args = ap.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_model_len=args.input_len + args.output_len + 64,
+              max_num_seqs=args.batch, max_num_batched_tokens=16384)
+    engine, runner = llm.engine, llm.engine.runner
+    dev = engine.device
+    reqs = random_requests(args.batch, args.input_len, args.output_len, engine.model_config.vocab_size)
+    for r in reqs:
+        engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=args.output_len,
+                                                              ignore_eos=True))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill
+    runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs, dev)
+    runner._logits = timed("forward", runner._logits, dev)
+    runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, dev)
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule, dev)
+    engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output, dev)
+    step = timed("step", engine.step, dev)
+    prof = cProfile.Profile()
+    prof.enable()
+    while engine.has_unfinished_requests():
+        step()
+    prof.disable()
+    print(f"{'part':<16} {'median ms':>10}  n")
+    for name, vals in TIMES.items():
+        vals = sorted(vals[2:]) or vals
+        print(f"{name:<16} {vals[len(vals) // 2]:>10.3f}  {len(vals)}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,13 @@ def test_repeated_prompt_reports_and_skips_cached_prefix(model_path):
 
 def _computed_tokens(llm) -> int:
     return llm.engine.runner.num_computed_tokens
+
+
+def test_triton_backend_equals_torch_backend(tiny_model_dir):
+    """The whole engine with the Triton kernels (interpreted on the CPU) gives the reference's tokens."""
+    path, _ = tiny_model_dir("tiny-llama")
+    prompts = random_prompts([5, 20, 37])
+    ref, _ = run(path, prompts, attention_backend="torch")
+    tri, llm = run(path, prompts, attention_backend="triton")
+    assert llm.engine.runner.attention_backend == "triton"
+    assert tri == ref

@@ -105,7 +105,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 # decode: split-K ("flash decoding")
 # ---------------------------------------------------------------------------------------------
 #
-#   context of sequence b, split into num_splits ranges of split_len keys (a multiple of BLOCK_N):
+#   context of sequence b, split into num_splits ranges of split_len = ceil(seq_len / num_splits)
+#   keys rounded up to BLOCK_N: each sequence's own length, so splits stay even when the grid is
+#   sized for a larger max_seq_len (CUDA graphs):
 #
 #     pos  0 ........ split_len ........ 2*split_len ...... seq_len       max_seq_len
 #          |  split 0  |      split 1     |     split 2    |  (empty split 3)  |
@@ -128,7 +130,7 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-                         qk_scale, window, split_len, num_splits,
+                         qk_scale, window, num_splits,
                          stride_qb, stride_qh, stride_ob, stride_oh,
                          stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -143,6 +145,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)  # (G_PAD, D)
+    # Each sequence splits its own length evenly: under a CUDA graph the grid is sized for
+    # max_model_len, and a fixed split length would leave one split doing all the work.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = tl.maximum(split * split_len, seq_len - window)
     lo = tl.maximum(lo, 0)
     hi = tl.minimum((split + 1) * split_len, seq_len)
@@ -241,7 +246,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, split_len, block_n,
+    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, block_n,
                    num_splits)
     return out
 
@@ -255,7 +260,7 @@ def _split_len(max_seq_len: int, num_splits: int) -> tuple[int, int]:
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    meta: AttentionMetadata, scale: float, sliding_window: int | None,
-                   out: torch.Tensor, split_len: int, block_n: int, num_splits: int) -> None:
+                   out: torch.Tensor, block_n: int, num_splits: int) -> None:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -266,7 +271,7 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     part_acc = out if direct else torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, part_m, part_l, part_acc,
-        scale * _LOG2E, _window(sliding_window), split_len, num_splits,
+        scale * _LOG2E, _window(sliding_window), num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

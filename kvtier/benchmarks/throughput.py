@@ -18,7 +18,7 @@ import torch
 
 from kvtier.benchmarks.datasets import BenchRequest
 from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth
-from kvtier.engine.model_runner import StepRecord
+from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import hf_state_dict
 from kvtier.sampling_params import SamplingParams
@@ -50,15 +50,15 @@ def device_info(llm: LLM) -> dict[str, Any]:
 
 def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True) -> tuple[float, list, list[StepRecord]]:
     """Generate greedily; returns (seconds, outputs, per-step records)."""
-    runner = llm.engine.runner
-    runner.step_log = []
+    engine = llm.engine
+    engine.step_log = []
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in reqs]
     _sync(llm)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
     _sync(llm)
     seconds = time.perf_counter() - t0
-    steps, runner.step_log = runner.step_log, None
+    steps, engine.step_log = engine.step_log, None
     return seconds, outs, steps
 
 

@@ -18,6 +18,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[Block]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids (the block table)
         self.req_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the pool
         self.prefix_queries = 0  # tokens looked up
@@ -64,8 +65,9 @@ class KVCacheManager:
             return False
         self.pool.touch(computed_blocks)
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        blocks += computed_blocks
-        blocks += self.pool.allocate(max(num_new_blocks, 0))
+        new = computed_blocks + self.pool.allocate(max(num_new_blocks, 0))
+        blocks += new
+        self.req_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new)
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
@@ -83,12 +85,14 @@ class KVCacheManager:
         self.req_num_cached[request.request_id] = min(num_full, len(hashes))
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+        """The request's block table (a live list: read it, don't keep it)."""
+        return self.req_block_ids.get(request_id, [])
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (see BlockPool.free)."""
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_cached.pop(request.request_id, None)
+        self.req_block_ids.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
     def forget(self, request: Request) -> None:
@@ -100,7 +104,8 @@ class KVCacheManager:
     def check_integrity(self) -> None:
         self.pool.check_integrity()
         refs: dict[int, int] = {}
-        for blocks in self.req_blocks.values():
+        for request_id, blocks in self.req_blocks.items():
+            assert self.req_block_ids[request_id] == [b.block_id for b in blocks], "stale block table"
             for b in blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for block in self.pool.blocks:

@@ -29,6 +29,16 @@ PromptType = str | list[int] | dict[str, Any]
 
 
 @dataclasses.dataclass
+class StepRecord:
+    """One whole engine step (schedule, forward, sample, bookkeeping), recorded for benchmarks."""
+    num_tokens: int
+    num_seqs: int
+    decode_only: bool
+    sum_seq_lens: int  # context tokens whose K/V the step's attention reads
+    seconds: float
+
+
+@dataclasses.dataclass
 class _Sequence:
     """One of a request's n samples, with its text state."""
     request: Request
@@ -83,6 +93,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
         self.groups: dict[str, _RequestGroup] = {}
+        self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
         self._group_of: dict[str, tuple[str, _Sequence]] = {}  # child request id -> (group id, seq)
         self._ids = itertools.count()
         logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -211,8 +222,11 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """One scheduling step; returns outputs of the requests that advanced (finished ones last seen)."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduling step; returns outputs of the requests that advanced (finished ones last seen).
+
+        final_only: only requests that finished (offline generation needs nothing else)."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         updated = self.scheduler.update_from_output(plan, result)
@@ -223,8 +237,20 @@ class LLMEngine:
             if group.finished:
                 del self.groups[group_id]
                 self._forget(group)
+            elif final_only:
+                continue
             outputs.append(self._output(group))
+        if self.step_log is not None and not plan.is_empty:
+            self._record_step(plan, start)
         return outputs
+
+    def _record_step(self, plan, start: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seq_lens = [s.start_pos + len(s.token_ids) for s in plan.scheduled]
+        self.step_log.append(StepRecord(plan.num_batched_tokens, len(seq_lens),
+                                        plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
+                                        time.perf_counter() - start))
 
     def _forget(self, group: _RequestGroup) -> None:
         for seq in group.seqs:

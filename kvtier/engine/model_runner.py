@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
@@ -30,16 +29,6 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
     kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                      dtype=dtype, device=device)
     return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
-
-
-@dataclasses.dataclass
-class StepRecord:
-    """One executed step, for benchmarks (recorded only when `ModelRunner.step_log` is a list)."""
-    num_tokens: int
-    num_seqs: int
-    decode_only: bool
-    sum_seq_lens: int  # context tokens whose K/V attention reads
-    seconds: float
 
 
 @dataclasses.dataclass
@@ -72,24 +61,17 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
-        self.step_log: list[StepRecord] | None = None  # benchmarks set a list; synchronizes per step
+        # Block tables as numpy rows, rebuilt only when a request gains a block (or is preempted).
+        self._tables: dict[str, np.ndarray] = {}
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self.sampler.drop(plan.finished_request_ids)
+        for request_id in plan.finished_request_ids + plan.preempted_request_ids:
+            self._tables.pop(request_id, None)
         if plan.is_empty:
             return RunnerOutput({})
-        if self.step_log is None:
-            return self._execute(plan)
-        start = time.perf_counter()
-        out = self._execute(plan)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seq_lens = [s.start_pos + len(s.token_ids) for s in plan.scheduled]
-        self.step_log.append(StepRecord(plan.num_batched_tokens, len(seq_lens),
-                                        plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
-                                        time.perf_counter() - start))
-        return out
+        return self._execute(plan)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         if self.device.type != "cuda" or self.attention_backend != "triton":
@@ -129,7 +111,8 @@ class ModelRunner:
         max_blocks = max(len(s.block_ids) for s in scheduled)
         tables = np.zeros((len(scheduled), max_blocks), np.int32)
         for i, s in enumerate(scheduled):
-            tables[i, :len(s.block_ids)] = s.block_ids
+            row = self._table_row(s)
+            tables[i, :len(row)] = row
         # position of every token, then its slot through its sequence's block table
         seq_of_token = np.repeat(np.arange(len(scheduled)), query_lens)
         positions = np.arange(starts[-1]) - starts[seq_of_token] + start_pos[seq_of_token]
@@ -143,6 +126,12 @@ class ModelRunner:
             seq_lens_list=seq_lens.tolist(), query_lens_list=query_lens.tolist())
         return ModelInputs(self._tensor(input_ids), self._tensor(positions), meta,
                            self._tensor(starts[1:][sample] - 1), [scheduled[i] for i in sample])
+
+    def _table_row(self, item: ScheduledRequest) -> np.ndarray:
+        row = self._tables.get(item.request_id)
+        if row is None or len(row) != len(item.block_ids):
+            row = self._tables[item.request_id] = np.asarray(item.block_ids, np.int32)
+        return row
 
     def _tensor(self, data: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(data).to(self.device, non_blocking=True)

@@ -57,7 +57,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, leave=False)
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update()

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from kvtier.ops import fused
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref
 
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -28,12 +29,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as HF Llama: normalize in fp32, cast, then scale.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with a residual (norm(x + residual), x + residual) in one fused kernel.
+
+        Same order of operations as HF Llama: normalize in fp32, cast, then scale."""
+        out, new_residual = fused.rmsnorm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, new_residual)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -77,16 +78,8 @@ class RotaryEmbedding(nn.Module):
         return self._cos_sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions (T,), q (T, Hq, D), k (T, Hkv, D) -> rotated q, k in their dtype."""
-        cos, sin = self.cos_sin(q.device)[positions].chunk(2, dim=-1)  # (T, D/2) each
-        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)  # (T, 1, D)
-        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        """positions (T,), q (T, Hq, D), k (T, Hkv, D) -> rotated q, k (in place on a GPU)."""
+        return fused.rotary(q, k, positions, self.cos_sin(q.device))
 
 
 class PagedAttention(nn.Module):

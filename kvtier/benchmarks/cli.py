@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -37,9 +38,11 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = LLM(**engine_kwargs(args))
     reqs = _requests(args, llm)
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
-    # Warm-up (kernels, graphs, allocator) on other prompts, so no prefix-cache hits leak in.
-    run_requests(llm, random_requests(2, min(args.input_len, 64), 4, llm.engine.model_config.vocab_size,
-                                      args.seed + 1))
+    # Warm-up at the run's shapes on other prompts (no prefix-cache hits leak in): Triton compiles
+    # a kernel variant the first time it meets a new specialization.
+    warm = [dataclasses.replace(r, output_len=min(r.output_len, 4)) for r in
+            random_requests(len(reqs), args.input_len, 4, llm.engine.model_config.vocab_size, args.seed + 1)]
+    run_requests(llm, warm)
     seconds, outs, steps = run_requests(llm, reqs, args.ignore_eos)
     results = {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
     if args.compare == "hf":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from typing import Any
 
@@ -40,8 +39,9 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
     # Warm-up at the run's shapes on other prompts (no prefix-cache hits leak in): Triton compiles
     # a kernel variant the first time it meets a new specialization.
-    warm = [dataclasses.replace(r, output_len=min(r.output_len, 4)) for r in
-            random_requests(len(reqs), args.input_len, 4, llm.engine.model_config.vocab_size, args.seed + 1)]
+    vocab = llm.engine.model_config.vocab_size
+    warm = [random_requests(1, len(r.prompt_token_ids), min(r.output_len, 4), vocab, args.seed + 1 + i)[0]
+            for i, r in enumerate(reqs)]
     run_requests(llm, warm)
     seconds, outs, steps = run_requests(llm, reqs, args.ignore_eos)
     results = {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}

@@ -134,4 +134,7 @@ class ModelRunner:
         return row
 
     def _tensor(self, data: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(data).to(self.device, non_blocking=True)
+        host = torch.from_numpy(data)
+        if self.device.type == "cuda":  # a pageable source would make the copy wait on the stream
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)

@@ -128,6 +128,17 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(s, v, acc, m_i, l_i, FP32_DOT: tl.constexpr):
+    """Fold one tile of log2-domain scores s (M, N) and values v (N, D) into (acc, max, sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                          qk_scale, window, num_splits,
@@ -169,12 +180,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                     mask=valid[:, None], other=0.0)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax(s, v, acc, m_i, l_i, FP32_DOT)
 
     row_mask = (g < GROUP)[:, None]
     if DIRECT_OUT:
@@ -322,12 +328,7 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
         if MASKED:
             keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
             s = tl.where(keep & valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax(s, v, acc, m_i, l_i, FP32_DOT)
     return acc, m_i, l_i
 
 

@@ -56,6 +56,8 @@ class KVCacheManager:
         """Give the request blocks for `num_new_tokens` more tokens (after its computed prefix hits).
 
         Returns False, changing nothing, when the pool cannot supply them."""
+        if not computed_blocks and self._fits_held_blocks(request, num_new_tokens):
+            return True  # the common decode step: room in the last block, no block newly full
         computed_blocks = computed_blocks or []
         held = self.req_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
@@ -70,6 +72,15 @@ class KVCacheManager:
         self.req_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new)
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
+
+    def _fits_held_blocks(self, request: Request, num_new_tokens: int) -> bool:
+        held = self.req_block_ids.get(request.request_id)
+        if held is None:
+            return False
+        total = request.num_computed_tokens + num_new_tokens
+        newly_full = (self.enable_prefix_caching
+                      and total // self.block_size > self.req_num_cached.get(request.request_id, 0))
+        return total <= len(held) * self.block_size and not newly_full
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:

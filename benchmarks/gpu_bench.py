@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvtier import LLM  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.benchmarks.throughput import (DeviceRates, device_info, hf_throughput,  # noqa: E402
-                                          run_requests, summarize)
+from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf  # noqa: E402
 
 FULL = {"model": "llama3-8b", "decode": (64, 2048, 64), "prefill": (8, 2048, 1), "vs_hf": (16, 2048, 256),
         "engine": dict(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=16384)}
@@ -31,34 +30,12 @@ SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "prefill": (4, 64, 1), "vs
 
 def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int) -> dict:
     num, input_len, output_len = shape
-    vocab = llm.engine.model_config.vocab_size
-    # Warm-up at the scenario's own shapes on distinct prompts: Triton compiles a kernel variant
-    # the first time it meets a new specialization, which must not land in the timed run.
-    run_requests(llm, random_requests(num, input_len, min(output_len, 4), vocab, seed + 100))
-    reqs = random_requests(num, input_len, output_len, vocab, seed)
-    seconds, outs, steps = run_requests(llm, reqs)
-    res = {"scenario": name, **device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
+    reqs = random_requests(num, input_len, output_len, llm.engine.model_config.vocab_size, seed)
+    res = {"scenario": name, **benchmark(llm, reqs, rates, seed=100 + seed)}
     res["engine_args"] = {k: v for k, v in vars(llm.engine.config).items() if v is not None}
-    return res, reqs
-
-
-def graph_replay_ms(llm: LLM, size: int) -> dict:
-    """GPU time of one captured decode graph (inputs left from the last step) vs the step time."""
-    import statistics
-    import torch
-    graphs = llm.engine.runner.graphs
-    if graphs is None or size not in graphs.graphs:
-        return {}
-    times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphs.graphs[size].replay()
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end))
-    return {"graph_replay_ms": statistics.median(times)}
+    if name == "vs_hf":
+        compare_hf(llm, reqs, num, res)
+    return res
 
 
 def main() -> None:
@@ -76,16 +53,11 @@ def main() -> None:
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
     rows = []
     for i, name in enumerate(("decode", "prefill", "vs_hf")):
-        res, reqs = scenario(llm, rates, name, spec[name], seed=i)
-        if name == "decode":
-            res.update(graph_replay_ms(llm, spec[name][0]))
-        if name == "vs_hf":
-            res.update(hf_throughput(llm, reqs, batch_size=spec[name][0]))
-            res["speedup_vs_hf"] = res["output_tok_s"] / res["hf_output_tok_s"]
+        res = scenario(llm, rates, name, spec[name], seed=i)
         with open(os.path.join(args.out, f"bench_{name}.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
         rows.append(res)
-        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "graph_replay_ms", "roofline_fraction",
+        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction",
                                                    "prefill_mfu", "output_tok_s", "speedup_vs_hf")}), flush=True)
     print("\nscenario  batch  in    out  step_ms  roofline_ms  roofline_frac  prefill_mfu  out_tok/s  vs_hf")
     for r in rows:

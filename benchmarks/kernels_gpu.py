@@ -30,6 +30,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth  # noqa: E402
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
 
 REL_TOL = 1e-2
@@ -155,17 +156,12 @@ def graph_of(fn, device: torch.device):
     return graph.replay, out
 
 
-def measure_hardware(timer: Timer, device: torch.device, smoke: bool) -> dict:
+def measure_hardware(device: torch.device, smoke: bool) -> dict:
+    """The denominators, measured the same way as the engine benchmarks measure them."""
     n = (1 << 20) if smoke else (1 << 30)  # bytes per copy buffer
-    src = torch.randn(n // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = timer.median_ms(lambda: dst.copy_(src))
     m = 64 if smoke else 8192
-    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    mm_ms = timer.median_ms(lambda: a @ b)
-    return {"copy_bytes": n, "copy_read_write_GBps": 2 * n / copy_ms / 1e6,
-            "matmul_n": m, "matmul_bf16_tflops": 2 * m ** 3 / mm_ms / 1e9}
+    return {"copy_bytes": n, "copy_read_write_GBps": memory_bandwidth(device, n) / 1e9,
+            "matmul_n": m, "matmul_bf16_tflops": matmul_flops(device, torch.bfloat16, m) / 1e12}
 
 
 # ------------------------------------------------------------------------------------ cases
@@ -281,7 +277,7 @@ def main() -> int:
     gen = torch.Generator(device=device).manual_seed(seed)
     shape, cases = (SMOKE_SHAPE, SMOKE_CASES) if args.smoke else (Shape(), FULL_CASES)
     timer = Timer(device, args.warmup, args.iters)
-    hw = measure_hardware(timer, device, args.smoke)
+    hw = measure_hardware(device, args.smoke)
     rows, sweeps = [], {}
     for case in cases:
         x = make_inputs(case, shape, device, gen)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from kvtier.benchmarks.datasets import random_requests, sharegpt_requests
-from kvtier.benchmarks.throughput import DeviceRates, device_info, hf_throughput, run_requests, summarize
+from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf
 
 
 def _requests(args: argparse.Namespace, llm) -> list:
@@ -37,17 +37,9 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = LLM(**engine_kwargs(args))
     reqs = _requests(args, llm)
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
-    # Warm-up at the run's shapes on other prompts (no prefix-cache hits leak in): Triton compiles
-    # a kernel variant the first time it meets a new specialization.
-    vocab = llm.engine.model_config.vocab_size
-    warm = [random_requests(1, len(r.prompt_token_ids), min(r.output_len, 4), vocab, args.seed + 1 + i)[0]
-            for i, r in enumerate(reqs)]
-    run_requests(llm, warm)
-    seconds, outs, steps = run_requests(llm, reqs, args.ignore_eos)
-    results = {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
+    results = benchmark(llm, reqs, rates, args.seed, args.ignore_eos)
     if args.compare == "hf":
-        results.update(hf_throughput(llm, reqs, args.hf_batch_size or args.max_num_seqs))
-        results["speedup_vs_hf"] = results["output_tok_s"] / results["hf_output_tok_s"]
+        compare_hf(llm, reqs, args.hf_batch_size or args.max_num_seqs, results)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=2)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvtier.benchmarks.datasets import BenchRequest
+from kvtier.benchmarks.datasets import BenchRequest, random_requests
 from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth
 from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
@@ -115,6 +115,28 @@ def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
     if llm.engine.device.type == "cuda":
         res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(llm.engine.device) / 1e9
     return res
+
+
+def benchmark(llm: LLM, reqs: list[BenchRequest], rates: DeviceRates, seed: int = 0,
+              ignore_eos: bool = True) -> dict[str, Any]:
+    """Warm up, run `reqs` once, and summarize with the device and model description."""
+    run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed + 1))
+    seconds, outs, steps = run_requests(llm, reqs, ignore_eos)
+    return {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
+
+
+def warmup_requests(reqs: list[BenchRequest], vocab_size: int, seed: int) -> list[BenchRequest]:
+    """The run's prompt lengths with other prompts and at most 4 new tokens: Triton compiles a
+    kernel variant the first time it meets a new specialization, which must not land in the timed
+    run, and other prompts keep prefix-cache hits out of it."""
+    return [random_requests(1, len(r.prompt_token_ids), min(r.output_len, 4), vocab_size, seed + i)[0]
+            for i, r in enumerate(reqs)]
+
+
+def compare_hf(llm: LLM, reqs: list[BenchRequest], batch_size: int, results: dict[str, Any]) -> None:
+    """Add HF's throughput on the same prompts and the speed-up over it (frees kvtier's KV cache)."""
+    results.update(hf_throughput(llm, reqs, batch_size))
+    results["speedup_vs_hf"] = results["output_tok_s"] / results["hf_output_tok_s"]
 
 
 def hf_throughput(llm: LLM, reqs: list[BenchRequest], batch_size: int) -> dict[str, Any]:

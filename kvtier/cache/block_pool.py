@@ -131,11 +131,6 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.cached.values()):
-            block.block_hash = None
-        self.cached.clear()
-
     def counts(self) -> dict[str, int]:
         used = sum(1 for b in self.blocks if b.ref_cnt > 0)
         cached = sum(1 for b in self.free_queue if b.block_hash is not None)

@@ -82,7 +82,7 @@ class LLMEngine:
         model = load_model(source, self.model_config, self.device, self.dtype, config.seed)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = self._eos_ids(source.path)
-        num_blocks = self._num_blocks(model)
+        num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
         kv = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
@@ -111,7 +111,7 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
 
-    def _num_blocks(self, model: torch.nn.Module) -> int:
+    def _num_blocks(self) -> int:
         cfg, block_bytes = self.config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
@@ -182,8 +182,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self.tokenize(prompt)
-        self._validate_prompt(token_ids)
+        text, token_ids = self.process_prompt(prompt)
         seqs = []
         for i in range(params.n):
             child = params.child(i) if params.n > 1 else params
@@ -196,6 +195,12 @@ class LLMEngine:
             self._group_of[seq.request.request_id] = (request_id, seq)
             self.scheduler.add_request(seq.request)
         return request_id
+
+    def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Tokenize and validate; raises ValueError naming the problem."""
+        text, token_ids = self.tokenize(prompt)
+        self._validate_prompt(token_ids)
+        return text, token_ids
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -295,9 +300,3 @@ class LLMEngine:
 
     def num_held_blocks(self) -> int:
         return self.kv_cache.num_held_blocks()
-
-    def stats(self) -> dict[str, Any]:
-        return {"num_blocks": self.kv_cache.pool.num_blocks, "block_usage": self.kv_cache.pool.usage(),
-                "num_preemptions": self.scheduler.num_preemptions,
-                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "prefix_hit_tokens": self.kv_cache.prefix_hits, "now": time.time()}

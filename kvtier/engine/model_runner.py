@@ -18,7 +18,7 @@ from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOut
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, K and V."""
-    return 2 * cfg.num_layers * block_size * cfg.kv_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.kv_dim * dtype.itemsize
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -101,7 +101,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
-        """Flatten the step's tokens; numpy on the host, one copy per tensor to the device."""
+        """Flatten the step's tokens; numpy on the host, then one copy to the device."""
         bs = self.block_size
         query_lens = np.fromiter((len(s.token_ids) for s in scheduled), np.int64, len(scheduled))
         start_pos = np.fromiter((s.start_pos for s in scheduled), np.int64, len(scheduled))
@@ -119,13 +119,13 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         input_ids = np.fromiter((t for s in scheduled for t in s.token_ids), np.int64, int(starts[-1]))
         sample = [i for i, s in enumerate(scheduled) if s.sample]
+        ids_d, pos_d, slots_d, tables_d, seq_lens_d, starts_d, logits_d = self._to_device(
+            [input_ids, positions, slots, tables, seq_lens, starts, starts[1:][sample] - 1])
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots), block_tables=self._tensor(tables),
-            seq_lens=self._tensor(seq_lens.astype(np.int32)), query_start_loc=self._tensor(starts.astype(np.int32)),
+            slot_mapping=slots_d, block_tables=tables_d, seq_lens=seq_lens_d, query_start_loc=starts_d,
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
             seq_lens_list=seq_lens.tolist(), query_lens_list=query_lens.tolist())
-        return ModelInputs(self._tensor(input_ids), self._tensor(positions), meta,
-                           self._tensor(starts[1:][sample] - 1), [scheduled[i] for i in sample])
+        return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample])
 
     def _table_row(self, item: ScheduledRequest) -> np.ndarray:
         row = self._tables.get(item.request_id)
@@ -133,8 +133,14 @@ class ModelRunner:
             row = self._tables[item.request_id] = np.asarray(item.block_ids, np.int32)
         return row
 
-    def _tensor(self, data: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(data)
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """All of a step's index arrays in one host-to-device copy (int64), returned as views."""
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64, copy=False))
         if self.device.type == "cuda":  # a pageable source would make the copy wait on the stream
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(flat[offset:offset + a.size].view(a.shape))
+            offset += a.size
+        return out

@@ -56,8 +56,7 @@ class Sampler:
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                               vals * p.repetition_penalty)
-            num_out = len(item.all_token_ids) - item.num_prompt_tokens
-            if num_out < p.min_tokens:
+            if _below_min_tokens(item):
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(item.eos_token_ids))
                 if banned:
                     logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
@@ -105,6 +104,9 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
+def _below_min_tokens(item: ScheduledRequest) -> bool:
+    return len(item.all_token_ids) - item.num_prompt_tokens < item.params.min_tokens
+
+
 def _needs_penalty(item: ScheduledRequest) -> bool:
-    p = item.params
-    return p.repetition_penalty != 1.0 or len(item.all_token_ids) - item.num_prompt_tokens < p.min_tokens
+    return item.params.repetition_penalty != 1.0 or _below_min_tokens(item)

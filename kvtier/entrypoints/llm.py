@@ -29,9 +29,9 @@ class LLM:
         All prompts are validated before any runs, so a bad one changes nothing."""
         prompts = _as_list(prompts)
         params = _params_list(sampling_params, len(prompts))
-        for p in prompts:  # validate everything first
-            self.engine._validate_prompt(self.engine.tokenize(p)[1])
-        ids = [self.engine.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(prompts, params)]
+        processed = [self.engine.process_prompt(p) for p in prompts]  # validate everything first
+        ids = [self.engine.add_request({"prompt": text, "prompt_token_ids": ids}, sp, cache_salt=cache_salt)
+               for (text, ids), sp in zip(processed, params)]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: Messages | list[Messages],

@@ -99,10 +99,16 @@ def load_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     _check_complete(model, params, loaded, cfg, path)
 
 
+def _split_name(name: str) -> tuple[str, str, str]:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn', 'q_proj', 'weight')"""
+    prefix, _, leaf = name.rpartition(".")
+    parent, _, module = prefix.rpartition(".")
+    return parent, module, leaf
+
+
 def hf_to_param(model: nn.Module, hf_name: str) -> tuple[str, int | None, int | None]:
     """HF weight name -> (our parameter name, row range or None) through the model's fusions."""
-    prefix, _, rest = hf_name.rpartition(".")  # rest: weight / bias
-    parent, _, module = prefix.rpartition(".")
+    parent, module, rest = _split_name(hf_name)
     packed = model.packed_modules.get(module)
     if packed is None:
         return hf_name, None, None
@@ -131,8 +137,7 @@ def _check_complete(model: nn.Module, params: dict, loaded: dict[str, int], cfg:
     for fused, _, _ in model.packed_modules.values():
         shards[fused] = shards.get(fused, 0) + 1
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = [n for n in params if n not in tied
-               and loaded.get(n, 0) < shards.get(n.rsplit(".", 2)[-2], 1)]
+    missing = [n for n in params if n not in tied and loaded.get(n, 0) < shards.get(_split_name(n)[1], 1)]
     if missing:
         raise ValueError(f"weights missing from {path}: {sorted(missing)[:8]}")
 
@@ -142,8 +147,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     inverse = {(fused, start, end): hf for hf, (fused, start, end) in model.packed_modules.items()}
     out = {}
     for name, tensor in model.state_dict().items():
-        prefix, _, rest = name.rpartition(".")
-        parent, _, module = prefix.rpartition(".")
+        parent, module, rest = _split_name(name)
         parts = [(hf, s, e) for (fused, s, e), hf in inverse.items() if fused == module]
         if not parts:
             out[name] = tensor

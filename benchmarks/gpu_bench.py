@@ -31,7 +31,7 @@ SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "prefill": (4, 64, 1), "vs
 def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int) -> dict:
     num, input_len, output_len = shape
     reqs = random_requests(num, input_len, output_len, llm.engine.model_config.vocab_size, seed)
-    res = {"scenario": name, **benchmark(llm, reqs, rates, seed=100 + seed)}
+    res = {"scenario": name, **benchmark(llm, reqs, rates, seed=seed)}
     res["engine_args"] = {k: v for k, v in vars(llm.engine.config).items() if v is not None}
     if name == "vs_hf":
         compare_hf(llm, reqs, num, res)

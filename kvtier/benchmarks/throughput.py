@@ -120,7 +120,7 @@ def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
 def benchmark(llm: LLM, reqs: list[BenchRequest], rates: DeviceRates, seed: int = 0,
               ignore_eos: bool = True) -> dict[str, Any]:
     """Warm up, run `reqs` once, and summarize with the device and model description."""
-    run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed + 1))
+    run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed))
     seconds, outs, steps = run_requests(llm, reqs, ignore_eos)
     return {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
 
@@ -129,8 +129,9 @@ def warmup_requests(reqs: list[BenchRequest], vocab_size: int, seed: int) -> lis
     """The run's prompt lengths with other prompts and at most 4 new tokens: Triton compiles a
     kernel variant the first time it meets a new specialization, which must not land in the timed
     run, and other prompts keep prefix-cache hits out of it."""
-    return [random_requests(1, len(r.prompt_token_ids), min(r.output_len, 4), vocab_size, seed + i)[0]
-            for i, r in enumerate(reqs)]
+    # seeds far from the run's own and from other warm-ups' (a reused prompt would hit the cache)
+    return [random_requests(1, len(r.prompt_token_ids), min(r.output_len, 4), vocab_size,
+                            (seed + 1) * 1_000_003 + i)[0] for i, r in enumerate(reqs)]
 
 
 def compare_hf(llm: LLM, reqs: list[BenchRequest], batch_size: int, results: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from kvtier.config import DTYPES, LOAD_FORMATS, EngineConfig
+from kvtier.config import DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
 
 _ENGINE_HELP = {
     "model": "model: a local HF directory, a .gguf file, or with --load-format dummy a config name "
@@ -36,8 +36,13 @@ _ENGINE_HELP = {
     "skip_tokenizer_init": "load no tokenizer; prompts must be token ids",
     "enforce_eager": "never capture CUDA graphs",
     "attention_backend": "torch (reference) or triton; default: triton on GPU, torch on CPU",
+    "kv_offloading_size": "GiB of pinned CPU memory for the CPU KV tier (evicted prefix blocks and "
+                          "swapped requests go there); 0 = off",
+    "kv_offloading_policy": "write-back (copy a block to CPU when the GPU evicts it) or write-through "
+                            "(copy every full block once computed)",
 }
-_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton")}
+_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
+            "kv_offloading_policy": OFFLOAD_POLICIES}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:

@@ -15,6 +15,7 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 * GiB
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+OFFLOAD_POLICIES = ("write-back", "write-through")
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,8 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
     attention_backend: str | None = None  # "torch" or "triton"; default: triton on GPU
-
+    kv_offloading_size: float = 0.0  # GiB of pinned CPU memory for the CPU KV tier; 0 = off
+    kv_offloading_policy: str = "write-back"  # when GPU blocks are copied to the CPU tier
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -74,6 +76,10 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             _positive(name, getattr(self, name))
+        if not isinstance(self.kv_offloading_size, (int, float)) or self.kv_offloading_size < 0:
+            raise ConfigError(f"kv_offloading_size={self.kv_offloading_size!r} must be a number of GiB >= 0 "
+                              "(0 turns the CPU tier off)")
+        _choice("kv_offloading_policy", self.kv_offloading_policy, OFFLOAD_POLICIES)
         for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))

@@ -12,7 +12,9 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (all tiers)
+    num_cached_tokens_by_tier: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"gpu": 0, "cpu": 0})
     num_output_tokens: int = 0
     num_preemptions: int = 0
 
@@ -28,6 +30,7 @@ class RequestMetrics:
         return {"ttft_s": self.ttft_s, "e2e_s": self.e2e_s,
                 "num_prompt_tokens": self.num_prompt_tokens,
                 "num_cached_tokens": self.num_cached_tokens,
+                "num_cached_tokens_by_tier": dict(self.num_cached_tokens_by_tier),
                 "num_output_tokens": self.num_output_tokens,
                 "num_preemptions": self.num_preemptions}
 

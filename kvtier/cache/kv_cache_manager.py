@@ -112,6 +112,18 @@ class KVCacheManager:
     def num_held_blocks(self) -> int:
         return sum(len(b) for b in self.req_blocks.values())
 
+    def tier_stats(self) -> dict[str, int | float]:
+        """Per-tier gauges and counters (the CPU tier's are zero while it is off)."""
+        pool = self.pool
+        return {"kv_blocks_gpu": pool.num_blocks, "kv_blocks_cpu": 0,
+                "kv_usage_gpu": pool.usage(), "kv_usage_cpu": 0.0,
+                "num_held_blocks_gpu": self.num_held_blocks(),
+                "prefix_hit_tokens_gpu_total": self.prefix_hits, "prefix_hit_tokens_cpu_total": 0,
+                "bytes_to_cpu_total": 0, "bytes_to_gpu_total": 0,
+                "transfer_seconds_to_cpu_total": 0.0, "transfer_seconds_to_gpu_total": 0.0,
+                "num_swaps_out_total": 0, "num_swaps_in_total": 0, "num_demotions_total": 0,
+                "num_evictions_gpu_total": pool.num_evictions, "num_evictions_cpu_total": 0}
+
     def check_integrity(self) -> None:
         self.pool.check_integrity()
         refs: dict[int, int] = {}

@@ -300,3 +300,12 @@ class LLMEngine:
 
     def num_held_blocks(self) -> int:
         return self.kv_cache.num_held_blocks()
+
+    def stats(self) -> dict[str, int | float]:
+        """A snapshot for logs, /metrics and benchmarks. Keys ending in `_total` only grow."""
+        kv, sched = self.kv_cache, self.scheduler
+        out = {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+               "num_preemptions_total": sched.num_preemptions,
+               "prefix_query_tokens_total": kv.prefix_queries}
+        out.update(kv.tier_stats())
+        return out

@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (run from the repo root on the GPU machine):
-#   1. Triton kernels vs the fp32 reference at full sizes, and their timings
-#   2. greedy tokens on the GPU (Triton attention + CUDA graphs, fp32) equal HF transformers'
-#   3. Llama-3-8B-shape benchmarks: decode roofline, prefill MFU, throughput vs HF
+#   kernels   Triton kernels vs the fp32 reference at full sizes, and their timings
+#   equality  greedy tokens on the GPU (Triton attention + CUDA graphs, fp32) equal HF transformers';
+#             the CPU tier on and off gives the same tokens; the transfer kernel is byte-exact
+#   bench     Llama-3-8B-shape benchmarks: decode roofline, prefill MFU, throughput vs HF
+#   transfer  KV block transfer alternatives (UVA kernel, per-row, per-block, staged DMA) and overlap
+#   tier      the engine's CPU tier: reload/store rates, overlap with a forward, TTFT of a CPU hit
+#   multiturn multi-turn conversations with the CPU tier on and off
+# SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-out}
+SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  echo "== 1. kernels"
-  python3 benchmarks/kernels_gpu.py --out "$OUT" || echo "KERNELS FAILED rc=$?"
-  echo "== 2. greedy equality with HF on the GPU"
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_hf_equality.py tests/test_engine_invariance.py \
-      tests/test_sampling.py || echo "GPU TESTS FAILED rc=$?"
-  echo "== 3. benchmarks"
-  python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} || echo "BENCH FAILED rc=$?"
+  if want kernels; then
+    echo "== kernels"
+    python3 benchmarks/kernels_gpu.py --out "$OUT" || echo "KERNELS FAILED rc=$?"
+  fi
+  if want equality; then
+    echo "== greedy equality on the GPU (HF; CPU tier on/off) and transfer exactness"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_hf_equality.py tests/test_engine_invariance.py \
+        tests/test_sampling.py tests/test_cpu_tier.py tests/test_kv_transfer.py -k "not smollm2" \
+        || echo "GPU TESTS FAILED rc=$?"
+  fi
+  if want bench; then
+    echo "== throughput benchmarks"
+    python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} || echo "BENCH FAILED rc=$?"
+  fi
+  if want transfer; then
+    echo "== transfer alternatives"
+    python3 benchmarks/transfer_gpu.py --out "$OUT/transfer.json" || echo "TRANSFER FAILED rc=$?"
+  fi
+  if want tier; then
+    echo "== CPU tier"
+    python3 benchmarks/tier_gpu.py --out "$OUT/tier.json" || echo "TIER FAILED rc=$?"
+  fi
+  if want multiturn; then
+    echo "== multi-turn, CPU tier on and off"
+    python3 -m kvtier.cli bench multiturn ${MULTITURN_ARGS:-} --output-json "$OUT/multiturn.json" \
+        --plot "$OUT/multiturn.png" || echo "MULTITURN FAILED rc=$?"
+  fi
 } 2>&1 | tee "$log"

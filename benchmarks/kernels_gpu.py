@@ -30,7 +30,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth  # noqa: E402
+from kvtier.offload.hardware import matmul_flops, memory_bandwidth  # noqa: E402
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
 
 REL_TOL = 1e-2

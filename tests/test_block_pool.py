@@ -82,11 +82,11 @@ def test_prefix_hit_leaves_one_token_and_respects_salt():
     assert mgr.allocate_slots(r1, 12)
     mgr.free(r1)
     r2 = _req("b", list(range(12)))
-    hits = mgr.get_computed_blocks(r2)
-    assert len(hits) == 2  # 3 full blocks cached, but the last token must be computed
-    assert mgr.get_computed_blocks(_req("c", list(range(12)), salt="other")) == []
-    assert mgr.allocate_slots(r2, 4, hits)
-    assert mgr.block_ids("b")[:2] == [b.block_id for b in hits]
+    hit = mgr.get_computed_blocks(r2)
+    assert len(hit.gpu) == 2 and hit.num_tokens == 8  # 3 full blocks cached; the last token is computed
+    assert mgr.get_computed_blocks(_req("c", list(range(12)), salt="other")).num_tokens == 0
+    assert mgr.allocate_slots(r2, 4, hit)
+    assert mgr.block_ids("b")[:2] == [b.block_id for b in hit.gpu]
     mgr.check_integrity()
 
 

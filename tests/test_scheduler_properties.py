@@ -1,7 +1,8 @@
 """Randomized schedules (hypothesis): add / step / abort over small pools, with fake model outputs.
 
-After every step the block accounting holds; once every request has finished or been aborted no
-block is held. A second property runs the real engine on a tiny model.
+After every step the block accounting of both tiers holds, with the step's copies completing one
+or a few steps late; once every request has finished or been aborted no block is held in either
+tier. A second property runs the real engine on a tiny model, with and without the CPU tier.
 """
 
 from __future__ import annotations
@@ -36,13 +37,45 @@ def check_plan(plan, scheduler, cfg):
         assert len(set(s.block_ids)) == len(s.block_ids)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def check_transfers(plan, in_flight: dict[int, set[int]]):
+    """Each block is written by at most one copy of a step, and a CPU block still being written by
+    an earlier step's copy is never chosen again (it is protected until its copy completes).
+    (A load may read a CPU block whose store is still in flight: loads are issued after, and wait
+    for, every store issued before them.)"""
+    t = plan.transfers
+    stored = [c for _, c in t.stores + t.stores_after]
+    assert len(set(stored)) == len(stored), "two stores into one CPU block"
+    assert len({g for _, g in t.loads}) == len(t.loads), "two loads into one GPU block"
+    busy = set().union(*in_flight.values()) if in_flight else set()
+    assert not busy & set(stored), "a CPU block in flight was reused"
+    in_flight[t.step_id] = set(stored)
+
+
+def complete_some(sched, in_flight: dict[int, set[int]], rng):
+    """Copies land one or a few steps late, in order, as on a GPU."""
+    for step_id in sorted(in_flight):
+        if rng.random() < 0.6:
+            sched.kv_cache.complete_transfers(step_id)
+            del in_flight[step_id]
+        else:
+            break
+
+
+def complete_all(sched, in_flight):
+    for step_id in sorted(in_flight):
+        sched.kv_cache.complete_transfers(step_id)
+    in_flight.clear()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, num_blocks=st.integers(4, 24), budget=st.integers(3, 64), caching=st.booleans(),
+       cpu_blocks=st.sampled_from([0, 0, 2, 5, 12, 32]), write_through=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, seed):
+def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, cpu_blocks, write_through, seed):
     rng = random.Random(seed)
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=num_blocks * 4)
-    sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching))
+    sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching, cpu_blocks, write_through))
+    in_flight: dict[int, set[int]] = {}
     prefixes = [[rng.randrange(4, 50) for _ in range(12)] for _ in range(4)]
     ids = []
     for op in ops:
@@ -56,7 +89,9 @@ def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, seed
             for _ in range(op[1]):
                 plan = sched.schedule()
                 check_plan(plan, sched, cfg)
+                check_transfers(plan, in_flight)
                 sched.update_from_output(plan, fake_outputs(plan, rng))
+                complete_some(sched, in_flight, rng)
                 sched.kv_cache.check_integrity()
         elif ids:
             sched.finish_requests([ids[op[1] % len(ids)]], RequestStatus.FINISHED_ABORTED)
@@ -65,22 +100,29 @@ def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, seed
         if not sched.has_unfinished_requests():
             break
         plan = sched.schedule()
+        check_transfers(plan, in_flight)
         sched.update_from_output(plan, fake_outputs(plan, rng))
+        complete_some(sched, in_flight, rng)
         sched.kv_cache.check_integrity()
     assert not sched.has_unfinished_requests(), "requests starved"
-    assert sched.kv_cache.num_held_blocks() == 0
+    complete_all(sched, in_flight)
+    sched.kv_cache.check_integrity()
+    assert sched.kv_cache.num_held_blocks() == 0 and sched.kv_cache.num_held_cpu_blocks() == 0
     assert sched.kv_cache.pool.counts()["used"] == 0
+    if sched.kv_cache.cpu_pool is not None:
+        assert sched.kv_cache.cpu_pool.counts()["used"] == 0
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(ops=ops, num_blocks=st.integers(8, 20), seed=st.integers(0, 2**16))
-def test_random_schedules_on_real_engine(tiny_model_dir, ops, num_blocks, seed):
+@given(ops=ops, num_blocks=st.integers(8, 20), tier=st.sampled_from([0, 0.0005]), seed=st.integers(0, 2**16))
+def test_random_schedules_on_real_engine(tiny_model_dir, ops, num_blocks, tier, seed):
     from kvtier import LLM
     rng = random.Random(seed)
     path, _ = tiny_model_dir("tiny-llama")
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", num_gpu_blocks_override=num_blocks,
-              max_model_len=num_blocks * 16, max_num_batched_tokens=24, max_num_seqs=4)
+              max_model_len=num_blocks * 16, max_num_batched_tokens=24, max_num_seqs=4,
+              kv_offloading_size=tier)
     engine, ids = llm.engine, []
     for op in ops:
         if op[0] == "add":
@@ -96,4 +138,4 @@ def test_random_schedules_on_real_engine(tiny_model_dir, ops, num_blocks, seed):
     while engine.has_unfinished_requests():
         engine.step()
         engine.check_integrity()
-    assert engine.num_held_blocks() == 0
+    assert engine.num_held_blocks() == 0 and engine.kv_cache.num_held_cpu_blocks() == 0

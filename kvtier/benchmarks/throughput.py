@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvtier.benchmarks.datasets import BenchRequest, random_requests
-from kvtier.benchmarks.hardware import matmul_flops, memory_bandwidth
+from kvtier.offload.hardware import matmul_flops, memory_bandwidth
 from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import hf_state_dict

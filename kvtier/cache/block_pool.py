@@ -8,12 +8,13 @@ Invariants (checked by `check_integrity`):
 - free + used + cached == total, where "cached" counts free-queue blocks that still carry a hash
   (evictable, reusable by a prefix hit) and "free" those without.
 Eviction takes the head of the free queue (least recently freed); a freed block goes to the tail.
+`on_evict`, when set, sees a cached block just before its hash is dropped (the CPU tier demotes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,6 +76,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}
         self.num_evictions = 0
+        self.on_evict: Callable[[Block], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -97,6 +99,8 @@ class BlockPool:
 
     def _evict_hash(self, block: Block) -> None:
         if block.block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
             block.block_hash = None
@@ -112,13 +116,13 @@ class BlockPool:
                 self.free_queue.remove(block)
             block.ref_cnt += 1
 
-    def cache_block(self, block: Block, block_hash: bytes) -> None:
-        """Register a now-full block under its chain hash (first writer wins)."""
-        if not self.enable_caching or block.block_hash is not None:
-            return
-        if block_hash not in self.cached:
-            block.block_hash = block_hash
-            self.cached[block_hash] = block
+    def cache_block(self, block: Block, block_hash: bytes) -> bool:
+        """Register a now-full block under its chain hash (first writer wins); True if registered."""
+        if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
+            return False
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+        return True
 
     def free(self, blocks: Iterable[Block]) -> None:
         """Drop one reference each; blocks reaching zero go to the tail of the free queue.

@@ -1,28 +1,68 @@
-"""KV cache manager: which blocks each request holds, prefix lookup, slot allocation.
+"""KV cache manager: which blocks each request holds in which tier, prefix lookup, slot allocation.
 
 Owns the block lists of running requests. A request's block i holds its tokens
 [i*block_size, (i+1)*block_size). Full blocks are registered in the pool under a chain hash so a
 later request with the same prefix (and the same cache salt) reuses them.
+
+With a CPU tier (`num_cpu_blocks > 0`) a cached block may live on the GPU, on the CPU, or both
+(the tier map is the two pools' hash maps):
+- demotion: write-back copies a cached GPU block to the CPU when the GPU pool evicts it;
+  write-through copies every block once it is full. Either way its hash moves with it.
+- prefix lookup goes GPU, then CPU: the leading blocks found on the GPU are shared, the following
+  ones found on the CPU are loaded into fresh GPU blocks.
+- swap: a preempted request's computed blocks (the partial last one too) go to CPU blocks that
+  the request holds while it waits; when it resumes they are loaded back.
+The copies themselves are only recorded here (`KVTransfers`); the runner's transfer engine issues
+them. Who holds a CPU block: swapped requests (one reference each) and in-flight copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from kvtier.cache.block_pool import Block, BlockPool
 from kvtier.cache.hashing import hash_full_blocks
+from kvtier.cache.transfers import KVTransfers, PendingTransfers
 from kvtier.request import Request
 
 
+@dataclasses.dataclass
+class PrefixHit:
+    """Computed blocks a request starts from: `gpu` blocks to share, then `cpu` blocks to load."""
+    gpu: list[Block]
+    cpu: list[Block]
+    num_tokens: int  # tokens they hold (a swapped request's last block may be partial)
+    swapped: bool = False
+
+
+NO_HIT = PrefixHit([], [], 0)
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_cpu_blocks: int = 0, write_through: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.cpu_pool = BlockPool(num_cpu_blocks, enable_prefix_caching) if num_cpu_blocks else None
+        self.write_through = write_through and self.cpu_pool is not None
+        if self.cpu_pool is not None and not write_through:
+            self.pool.on_evict = self._demote
+        self.swap_pays: Callable[[int], bool] = lambda num_tokens: True  # the engine's cost model
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids (the block table)
         self.req_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the pool
-        self.prefix_queries = 0  # tokens looked up
-        self.prefix_hits = 0  # tokens found
+        self.swapped: dict[str, tuple[list[Block], int]] = {}  # request id -> (CPU blocks, tokens)
+        self.transfers = KVTransfers()  # the copies of the step being planned
+        self.pending = PendingTransfers()
+        self.prefix_queries = 0  # prompt tokens of admitted requests
+        self.prefix_hits = 0  # of which found on the GPU
+        self.prefix_hits_cpu = 0  # of which found on the CPU
+        self.num_demotions = self.num_dropped_demotions = 0
+        self.num_swaps_out = self.num_swaps_in = 0
+        self.num_blocks_to_cpu = self.num_blocks_to_gpu = 0
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -36,42 +76,67 @@ class KVCacheManager:
                                        hashes[-1] if hashes else None, salt)
         return hashes
 
-    def get_computed_blocks(self, request: Request) -> list[Block]:
-        """Longest cached prefix of full blocks; at least one token is always left to compute."""
+    # -- lookup and allocation ------------------------------------------------------------------
+
+    def get_computed_blocks(self, request: Request) -> PrefixHit:
+        """Longest computed prefix: a swapped request's own blocks, else cached full blocks of
+        either tier. At least one token is always left to compute."""
+        if request.request_id in self.swapped:
+            cpu_blocks, num_tokens = self.swapped[request.request_id]
+            gpu = self._lookup(self.pool, self._hashes(request)[:num_tokens // self.block_size])
+            return PrefixHit(gpu, cpu_blocks[len(gpu):], num_tokens, swapped=True)
         if not self.enable_prefix_caching:
-            return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
+            return NO_HIT
+        hashes = self._hashes(request)[:(request.num_tokens - 1) // self.block_size]
+        gpu = self._lookup(self.pool, hashes)
+        cpu = self._lookup(self.cpu_pool, hashes[len(gpu):]) if self.cpu_pool is not None else []
+        return PrefixHit(gpu, cpu, (len(gpu) + len(cpu)) * self.block_size)
+
+    @staticmethod
+    def _lookup(pool: BlockPool, hashes: list[bytes]) -> list[Block]:
         hits = []
-        for block_hash in self._hashes(request)[:max_blocks]:
-            block = self.pool.lookup(block_hash)
+        for block_hash in hashes:
+            block = pool.lookup(block_hash)
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[Block] | None = None) -> bool:
-        """Give the request blocks for `num_new_tokens` more tokens (after its computed prefix hits).
+    def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Give the request blocks for `num_new_tokens` more tokens (after its computed prefix `hit`).
 
-        Returns False, changing nothing, when the pool cannot supply them."""
-        if not computed_blocks and self._fits_held_blocks(request, num_new_tokens):
+        CPU hits get fresh GPU blocks and a load each. Returns False, changing nothing, when the
+        GPU pool cannot supply the blocks."""
+        if hit is None and self._fits_held_blocks(request, num_new_tokens):
             return True  # the common decode step: room in the last block, no block newly full
-        computed_blocks = computed_blocks or []
+        hit = hit or NO_HIT
         held = self.req_blocks.get(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(held) - len(computed_blocks)
-        reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)  # leave the free queue on touch
+        num_computed = request.num_computed_tokens + hit.num_tokens
+        num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(held) - len(hit.gpu)
+        reclaimed = sum(1 for b in hit.gpu if b.ref_cnt == 0)  # leave the free queue on touch
         if num_new_blocks > self.pool.num_free_blocks - reclaimed:
             return False
-        self.pool.touch(computed_blocks)
-        blocks = self.req_blocks.setdefault(request.request_id, [])
-        new = computed_blocks + self.pool.allocate(max(num_new_blocks, 0))
-        blocks += new
+        self.pool.touch(hit.gpu)
+        for block in hit.cpu:  # before the GPU allocation below demotes blocks into the CPU pool
+            self.pending.protect(self.cpu_pool, block)
+        new = self.pool.allocate(max(num_new_blocks, 0))
+        self.transfers.loads += [(c.block_id, g.block_id) for c, g in zip(hit.cpu, new)]
+        new = hit.gpu + new
+        self.req_blocks.setdefault(request.request_id, []).extend(new)
         self.req_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new)
+        self._count_hit(request, hit)
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
+
+    def _count_hit(self, request: Request, hit: PrefixHit) -> None:
+        if hit.swapped:
+            cpu_blocks, _ = self.swapped.pop(request.request_id)
+            self.cpu_pool.free(reversed(cpu_blocks))  # loads hold their own references
+            self.num_swaps_in += 1
+        elif request.num_computed_tokens == 0:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += len(hit.gpu) * self.block_size
+            self.prefix_hits_cpu += len(hit.cpu) * self.block_size
 
     def _fits_held_blocks(self, request: Request, num_new_tokens: int) -> bool:
         held = self.req_block_ids.get(request.request_id)
@@ -92,15 +157,86 @@ class KVCacheManager:
         hashes = self._hashes(request)
         blocks = self.req_blocks[request.request_id]
         for i in range(done, min(num_full, len(hashes))):
-            self.pool.cache_block(blocks[i], hashes[i])
+            if (self.pool.cache_block(blocks[i], hashes[i]) and self.write_through
+                    and self.cpu_pool.lookup(hashes[i]) is None):
+                self._store(blocks[i], after_forward=True)
         self.req_num_cached[request.request_id] = min(num_full, len(hashes))
+
+    # -- the CPU tier ---------------------------------------------------------------------------
+
+    def _demote(self, block: Block) -> None:
+        """GPU eviction hook (write-back): keep the evicted block's KV on the CPU."""
+        if self.cpu_pool.lookup(block.block_hash) is None and self._store(block, after_forward=False):
+            self.num_demotions += 1
+
+    def _store(self, block: Block, after_forward: bool) -> Block | None:
+        """Copy a GPU block into a new CPU block (under its hash, if any); None if the CPU pool is
+        full of blocks in use. The new block's reference belongs to the copy."""
+        if self.cpu_pool.num_free_blocks == 0:
+            self.num_dropped_demotions += 1
+            return None
+        cpu_block = self.cpu_pool.allocate(1)[0]
+        self.pending.current.append((self.cpu_pool, cpu_block))
+        if block.block_hash is not None:
+            self.cpu_pool.cache_block(cpu_block, block.block_hash)
+        if after_forward:  # the GPU block stays cached: keep it until the copy has read it
+            self.pending.protect(self.pool, block)
+            self.transfers.stores_after.append((block.block_id, cpu_block.block_id))
+        else:
+            self.transfers.stores.append((block.block_id, cpu_block.block_id))
+        return cpu_block
+
+    def swap_out(self, request: Request) -> bool:
+        """Move a preempted request's computed blocks to CPU blocks it holds while waiting.
+
+        Returns False (and changes nothing) when the tier is off, the cost model prefers
+        recomputation, or the CPU pool lacks room; the caller then frees the blocks."""
+        num_tokens = request.num_computed_tokens
+        if self.cpu_pool is None or num_tokens == 0 or not self.swap_pays(num_tokens):
+            return False
+        blocks = self.req_blocks.get(request.request_id, [])[:self.blocks_needed(num_tokens)]
+        on_cpu = [self.cpu_pool.lookup(b.block_hash) if b.block_hash is not None else None for b in blocks]
+        reclaimed = sum(1 for c in on_cpu if c is not None and c.ref_cnt == 0)
+        if sum(1 for c in on_cpu if c is None) > self.cpu_pool.num_free_blocks - reclaimed:
+            return False
+        self.cpu_pool.touch([c for c in on_cpu if c is not None])  # before allocation can evict them
+        cpu_blocks = []
+        for block, cpu_block in zip(blocks, on_cpu):
+            if cpu_block is None:
+                cpu_block = self._store(block, after_forward=False)
+                self.cpu_pool.touch([cpu_block])  # the request's own reference
+            cpu_blocks.append(cpu_block)
+        self._free_gpu(request)
+        self.swapped[request.request_id] = (cpu_blocks, num_tokens)
+        self.num_swaps_out += 1
+        return True
+
+    def take_transfers(self, step_id: int) -> KVTransfers:
+        """Hand the planned copies to the runner; their protections now belong to `step_id`."""
+        plan, self.transfers = self.transfers, KVTransfers()
+        plan.step_id = step_id
+        self.pending.seal(step_id)
+        self.num_blocks_to_cpu += plan.num_blocks_to_cpu
+        self.num_blocks_to_gpu += len(plan.loads)
+        return plan
+
+    def complete_transfers(self, step_id: int) -> None:
+        self.pending.complete(step_id)
+
+    # -- release and inspection -----------------------------------------------------------------
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a live list: read it, don't keep it)."""
         return self.req_block_ids.get(request_id, [])
 
     def free(self, request: Request) -> None:
-        """Release the request's blocks, tail first (see BlockPool.free)."""
+        """Release the request's blocks in both tiers, tail first (see BlockPool.free)."""
+        self._free_gpu(request)
+        swapped = self.swapped.pop(request.request_id, None)
+        if swapped is not None:
+            self.cpu_pool.free(reversed(swapped[0]))
+
+    def _free_gpu(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_cached.pop(request.request_id, None)
         self.req_block_ids.pop(request.request_id, None)
@@ -110,27 +246,47 @@ class KVCacheManager:
         self.req_hashes.pop(request.request_id, None)
 
     def num_held_blocks(self) -> int:
+        """GPU blocks held by requests."""
         return sum(len(b) for b in self.req_blocks.values())
+
+    def num_held_cpu_blocks(self) -> int:
+        """CPU blocks held by swapped requests."""
+        return sum(len(b) for b, _ in self.swapped.values())
 
     def tier_stats(self) -> dict[str, int | float]:
         """Per-tier gauges and counters (the CPU tier's are zero while it is off)."""
-        pool = self.pool
-        return {"kv_blocks_gpu": pool.num_blocks, "kv_blocks_cpu": 0,
-                "kv_usage_gpu": pool.usage(), "kv_usage_cpu": 0.0,
-                "num_held_blocks_gpu": self.num_held_blocks(),
-                "prefix_hit_tokens_gpu_total": self.prefix_hits, "prefix_hit_tokens_cpu_total": 0,
-                "bytes_to_cpu_total": 0, "bytes_to_gpu_total": 0,
-                "transfer_seconds_to_cpu_total": 0.0, "transfer_seconds_to_gpu_total": 0.0,
-                "num_swaps_out_total": 0, "num_swaps_in_total": 0, "num_demotions_total": 0,
-                "num_evictions_gpu_total": pool.num_evictions, "num_evictions_cpu_total": 0}
+        cpu = self.cpu_pool
+        return {"kv_blocks_gpu": self.pool.num_blocks, "kv_blocks_cpu": cpu.num_blocks if cpu else 0,
+                "kv_usage_gpu": self.pool.usage(), "kv_usage_cpu": cpu.usage() if cpu else 0.0,
+                "num_held_blocks_gpu": self.num_held_blocks(), "num_held_blocks_cpu": self.num_held_cpu_blocks(),
+                "prefix_hit_tokens_gpu_total": self.prefix_hits, "prefix_hit_tokens_cpu_total": self.prefix_hits_cpu,
+                "blocks_to_cpu_total": self.num_blocks_to_cpu, "blocks_to_gpu_total": self.num_blocks_to_gpu,
+                "num_swaps_out_total": self.num_swaps_out, "num_swaps_in_total": self.num_swaps_in,
+                "num_demotions_total": self.num_demotions,
+                "num_dropped_demotions_total": self.num_dropped_demotions,
+                "num_evictions_gpu_total": self.pool.num_evictions,
+                "num_evictions_cpu_total": cpu.num_evictions if cpu else 0}
 
     def check_integrity(self) -> None:
-        self.pool.check_integrity()
-        refs: dict[int, int] = {}
+        """Both pools' own invariants, and every reference accounted for by a holder: a request
+        (GPU), a swapped request (CPU) or an in-flight copy (either)."""
+        refs: dict[int, int] = self.pending.refs(self.pool)
         for request_id, blocks in self.req_blocks.items():
             assert self.req_block_ids[request_id] == [b.block_id for b in blocks], "stale block table"
             for b in blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
-        for block in self.pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), (
-                f"block {block.block_id}: ref_cnt {block.ref_cnt} != {refs.get(block.block_id, 0)} holders")
+        _check_refs(self.pool, refs, "GPU")
+        if self.cpu_pool is not None:
+            cpu_refs = self.pending.refs(self.cpu_pool)
+            for blocks, num_tokens in self.swapped.values():
+                assert len(blocks) == self.blocks_needed(num_tokens), "swapped blocks do not cover the tokens"
+                for b in blocks:
+                    cpu_refs[b.block_id] = cpu_refs.get(b.block_id, 0) + 1
+            _check_refs(self.cpu_pool, cpu_refs, "CPU")
+
+
+def _check_refs(pool: BlockPool, refs: dict[int, int], tier: str) -> None:
+    pool.check_integrity()
+    for block in pool.blocks:
+        assert block.ref_cnt == refs.get(block.block_id, 0), (
+            f"{tier} block {block.block_id}: ref_cnt {block.ref_cnt} != {refs.get(block.block_id, 0)} holders")

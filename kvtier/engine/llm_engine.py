@@ -13,10 +13,14 @@ from typing import Any
 import torch
 
 from kvtier.cache.kv_cache_manager import KVCacheManager
-from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig
+from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineConfig
 from kvtier.engine.detokenizer import IncrementalDetokenizer
+from kvtier.engine.host_kv_pool import HostKVPool
 from kvtier.engine.model_runner import ModelRunner, allocate_kv_cache, kv_block_bytes
+from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
+from kvtier.offload.cost_model import HardwareRates, SwapCostModel
+from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParams
@@ -85,11 +89,17 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
         kv = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        transfers = self._build_cpu_tier(kv)
         self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
-                                  config.attention_backend)
+                                  config.attention_backend, transfers)
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
-        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                       self.host_pool.num_blocks if self.host_pool else 0,
+                                       write_through=config.kv_offloading_policy == "write-through")
+        if self.host_pool is not None:
+            self.swap_cost = self._swap_cost_model(model)
+            self.kv_cache.swap_pays = self.swap_cost.swap_pays
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
         self.groups: dict[str, _RequestGroup] = {}
@@ -131,13 +141,47 @@ class LLMEngine:
                               f"{block_bytes} bytes; raise --kv-cache-memory or --gpu-memory-utilization")
         return num_blocks
 
+    def _build_cpu_tier(self, kv: torch.Tensor) -> TransferEngine | None:
+        """The pinned host pool (--kv-offloading-size GiB) and its transfer engine, or None."""
+        self.host_pool: HostKVPool | None = None
+        if self.config.kv_offloading_size <= 0:
+            return None
+        cfg, block_bytes = self.model_config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
+        num_cpu_blocks = int(self.config.kv_offloading_size * GiB // block_bytes)
+        if num_cpu_blocks < 1:
+            raise ConfigError(f"--kv-offloading-size {self.config.kv_offloading_size} GiB holds no KV block "
+                              f"of {block_bytes} bytes; give at least {block_bytes / GiB:.6f} GiB")
+        pool = HostKVPool(num_cpu_blocks, cfg.num_layers, self.config.block_size, cfg.num_kv_heads,
+                          cfg.head_dim, self.dtype)
+        if pool.num_blocks == 0:
+            logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
+            return None
+        self.host_pool = pool
+        logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", pool.num_blocks,
+                    pool.num_blocks * block_bytes / GiB, ", pinned" if pool.pinned else "")
+        return TransferEngine(kv, pool.kv, block_bytes)
+
+    def _swap_cost_model(self, model: torch.nn.Module) -> SwapCostModel:
+        # small and quick: the decision needs the order of magnitude, not the last percent
+        size = 2048 if self.device.type == "cuda" else 256
+        rates = HardwareRates(host_link_bandwidth(self.device), matmul_flops(self.device, self.dtype, size, iters=5))
+        kv_per_token = kv_block_bytes(self.model_config, self.config.block_size, self.dtype) // self.config.block_size
+        flops_per_token = 2.0 * sum(p.numel() for p in model.parameters())
+        cost = SwapCostModel(rates, kv_per_token, flops_per_token)
+        logger.info("kvtier: swap preemption %s (per 1k tokens: swap %.2f ms, recompute %.2f ms; link %.1f GB/s, "
+                    "%.1f TFLOP/s measured)", "on" if cost.swap_pays(1024) else "off (recompute is cheaper)",
+                    cost.swap_seconds(1024) * 1e3, cost.recompute_seconds(1024) * 1e3,
+                    rates.link_bytes_per_s / 1e9, rates.flops_per_s / 1e12)
+        return cost
+
     def _cuda_kv_budget(self) -> int:
         """vLLM's meaning: the engine may use this fraction of the GPU's total memory in all."""
         gc.collect()  # an engine dropped earlier in this process must not count as in use
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         activations = self._activation_reserve()
-        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
+        staging = 2 * STAGING_BYTES if self.config.kv_offloading_size > 0 else 0  # the CPU tier's buffers
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations - staging
         if budget <= 0:
             raise ConfigError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves no "
                               f"memory for the KV cache ({(total - free) / 2**30:.1f} GiB already used)")
@@ -234,6 +278,9 @@ class LLMEngine:
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
+        if self.runner.transfers is not None:
+            for step_id in self.runner.transfers.poll():
+                self.kv_cache.complete_transfers(step_id)
         updated = self.scheduler.update_from_output(plan, result)
         touched = self._apply_tokens(updated, result.sampled)
         outputs = []
@@ -296,6 +343,10 @@ class LLMEngine:
     # -- inspection -----------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
+        """Block accounting of both tiers (waits for in-flight copies so that it is settled)."""
+        if self.runner.transfers is not None:
+            for step_id in self.runner.transfers.synchronize():
+                self.kv_cache.complete_transfers(step_id)
         self.kv_cache.check_integrity()
 
     def num_held_blocks(self) -> int:
@@ -308,4 +359,9 @@ class LLMEngine:
                "num_preemptions_total": sched.num_preemptions,
                "prefix_query_tokens_total": kv.prefix_queries}
         out.update(kv.tier_stats())
+        if self.runner.transfers is not None:
+            out.update(self.runner.transfers.stats())
+        else:
+            out.update(bytes_to_cpu_total=0, bytes_to_gpu_total=0, transfer_seconds_to_cpu_total=0.0,
+                       transfer_seconds_to_gpu_total=0.0)
         return out

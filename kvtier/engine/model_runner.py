@@ -10,6 +10,7 @@ from torch import nn
 
 from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.sampler import Sampler
+from kvtier.engine.transfer_engine import TransferEngine
 from kvtier.models.layers import set_attention_backend
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import AttentionMetadata
@@ -22,13 +23,17 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (layers, 2, blocks, block_size, kv_heads, head_dim) tensor, viewed per layer as (K, V).
+                      device: torch.device) -> torch.Tensor:
+    """One (layers, 2, blocks, block_size, kv_heads, head_dim) tensor.
 
     Zero-filled: attention over padded block-table entries must never meet NaN garbage."""
-    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                     dtype=dtype, device=device)
-    return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
+    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                       dtype=dtype, device=device)
+
+
+def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache as the model reads it: per layer (K, V), each (blocks, block_size, kv_heads, head_dim)."""
+    return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
 
 
 @dataclasses.dataclass
@@ -52,9 +57,11 @@ def default_attention_backend(device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cfg: ModelConfig, kv_caches: list, block_size: int,
-                 device: torch.device, seed: int = 0, attention_backend: str | None = None):
-        self.model, self.cfg, self.kv_caches = model, cfg, kv_caches
+    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: torch.Tensor, block_size: int,
+                 device: torch.device, seed: int = 0, attention_backend: str | None = None,
+                 transfers: TransferEngine | None = None):
+        self.model, self.cfg, self.kv_caches = model, cfg, layer_views(kv)
+        self.transfers = transfers  # copies to and from the CPU tier; None when the tier is off
         self.block_size, self.device = block_size, device
         self.attention_backend = attention_backend or default_attention_backend(device)
         set_attention_backend(model, self.attention_backend)
@@ -69,9 +76,12 @@ class ModelRunner:
         self.sampler.drop(plan.finished_request_ids)
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self._tables.pop(request_id, None)
-        if plan.is_empty:
-            return RunnerOutput({})
-        return self._execute(plan)
+        if self.transfers is not None:
+            self.transfers.before_forward(plan.transfers)
+        out = RunnerOutput({}) if plan.is_empty else self._execute(plan)
+        if self.transfers is not None:
+            self.transfers.after_forward(plan.transfers)
+        return out
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         if self.device.type != "cuda" or self.attention_backend != "triton":

@@ -4,7 +4,9 @@ There are no prefill and decode phases: each step gives every running request, t
 requests, up to `num_tokens - num_computed_tokens` new tokens under the step's token budget
 (`max_num_batched_tokens`). Long prompts are thereby chunked, and prefill chunks and decodes of
 different requests share a step. When blocks run out, the most recently admitted running
-request is preempted (its blocks freed, recomputed later) and it resumes first.
+request is preempted and resumes first: swapped to the CPU tier when the cache manager's cost
+model says reloading beats recomputing (and there is room), otherwise freed and recomputed.
+Each plan carries the step's KV copies between tiers (`SchedulerOutput.transfers`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_steps = 0
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -73,8 +76,10 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         out = SchedulerOutput([self._plan(r, n) for r, n in scheduled],
-                              [r.request_id for r in preempted], self._finished_ids)
+                              [r.request_id for r in preempted], self._finished_ids,
+                              self.kv_cache.take_transfers(self.num_steps))
         self._finished_ids = []
+        self.num_steps += 1
         return out
 
     def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
@@ -94,7 +99,8 @@ class Scheduler:
         return budget
 
     def _preempt(self, request: Request) -> None:
-        self.kv_cache.free(request)
+        if not self.kv_cache.swap_out(request):
+            self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
@@ -104,20 +110,24 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits = self.kv_cache.get_computed_blocks(request)
-            num_cached = len(hits) * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv_cache.allocate_slots(request, num_new, hits):
+            hit = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - hit.num_tokens, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hit):
                 break
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:  # first admission, not a resume
-                request.metrics.num_cached_tokens = num_cached
-                request.metrics.first_scheduled_time = time.time()
-            request.num_computed_tokens = num_cached
+                self._record_hit(request, hit)
+            request.num_computed_tokens = hit.num_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
+
+    def _record_hit(self, request: Request, hit) -> None:
+        bs = self.kv_cache.block_size
+        request.metrics.num_cached_tokens = hit.num_tokens
+        request.metrics.num_cached_tokens_by_tier = {"gpu": len(hit.gpu) * bs, "cpu": len(hit.cpu) * bs}
+        request.metrics.first_scheduled_time = time.time()
 
     def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens

@@ -1,4 +1,6 @@
-"""Measured device rates that benchmarks divide by: memory copy bandwidth, matmul FLOP/s."""
+"""Measured hardware rates: device memory bandwidth, matmul FLOP/s, the host link.
+
+Benchmarks divide by them; the offload cost model plans with them (measured, never datasheet)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 30) -> float:
     """Dense square matmul rate in FLOP/s (fresh random inputs, never zeros); the best of a few
     sizes, since the peak is the denominator of MFU and a low one would flatter it."""
     if device.type != "cuda":
@@ -47,6 +49,17 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> flo
     for size in (n // 2, n):
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
-        ms = _time_ms(lambda: a @ b, device)
+        ms = _time_ms(lambda: a @ b, device, iters, warmup=max(1, iters // 3))
         best = max(best, 2 * size ** 3 / (ms / 1e3))
     return best
+
+
+def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 25) -> float:
+    """Pinned host-to-device copy rate in bytes/s; on a CPU-only machine, the memcpy rate (there
+    the "GPU tier" is ordinary memory and a transfer is a copy)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    if device.type == "cuda":
+        src = src.pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ms = _time_ms(lambda: dst.copy_(src, non_blocking=True), device, iters=5, warmup=2)
+    return nbytes / (ms / 1e3)

@@ -1,0 +1,246 @@
+"""The CPU tier on the GPU, with the engine's own transfer engine (Llama-3-8B shape, bf16, dummy weights):
+
+  1. reload / store of scattered blocks through TransferEngine: GB/s vs the pinned copy rate, byte-exact
+  2. a forward pass (prefill 1x2048, decode 64x2048 by CUDA graph) alone and with a 256-block
+     reload or store running beside it on the copy streams: the pass's slowdown
+  3. time to first token of a request whose 4096-token prefix sits in the CPU tier vs recomputing it
+
+    python3 benchmarks/tier_gpu.py --out $OUT/tier.json        (GPU)
+    python3 benchmarks/tier_gpu.py --dry-run --out /tmp/t.json  (CPU, tiny model, same code)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+from kvtier import LLM, SamplingParams  # noqa: E402
+from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.cache.transfers import KVTransfers  # noqa: E402
+from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
+from kvtier.sampling_params import SamplingParams as SP  # noqa: E402
+from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
+
+
+class Clock:
+    """CUDA events on the current stream on a GPU; perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def pinned_rate(device, nbytes=256 << 20) -> dict:
+    if device.type != "cuda":
+        return {}
+    host = torch.randint(0, 255, (nbytes,), dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    clock, out = Clock(device), {}
+    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
+                     ("d2h", lambda: host.copy_(dev, non_blocking=True))):
+        for _ in range(3):
+            fn()
+        out[f"pinned_{name}_GBps"] = nbytes / statistics.median(clock.time_ms(fn) for _ in range(10)) / 1e6
+    return out
+
+
+def transfer_rates(llm: LLM, num_blocks: int, reps: int) -> dict:
+    """256 scattered blocks each way through the engine's TransferEngine, timed on its streams."""
+    eng, dev = llm.engine.runner.transfers, llm.engine.device
+    ng, nc = eng.gpu_blocks.shape[0], eng.cpu_blocks.shape[0]
+    g = torch.Generator().manual_seed(0)
+    gpu_ids = torch.randperm(ng, generator=g)[:num_blocks].tolist()
+    cpu_ids = torch.randperm(nc, generator=g)[:num_blocks].tolist()
+    pairs = list(zip(gpu_ids, cpu_ids))
+    out = {"blocks": num_blocks, "block_bytes": eng.block_bytes}
+    with torch.no_grad():
+        eng.gpu_blocks[gpu_ids] = torch.randn(eng.gpu_blocks[gpu_ids].shape, device=dev).to(eng.gpu_blocks.dtype)
+    for direction in ("to_cpu", "to_gpu"):
+        times = []
+        for _ in range(reps + 2):
+            flight = _InFlight(-1, [])
+            eng._issue(direction, pairs, flight) if eng.on_gpu else eng._copy_now(direction, pairs)
+            eng.synchronize()
+            if eng.on_gpu:
+                _, start, end = flight.timed[0]
+                times.append(start.elapsed_time(end))
+            else:
+                times.append(1.0)
+        ms = statistics.median(times[2:])
+        out[f"{direction}_ms"] = ms
+        out[f"{direction}_GBps"] = num_blocks * eng.block_bytes / ms / 1e6
+    # byte-exact: the blocks that went out and came back equal the GPU originals
+    back = eng.cpu_blocks[cpu_ids].to(dev)
+    out["exact"] = bool(torch.equal(back.view(torch.int16), eng.gpu_blocks[gpu_ids].reshape(back.shape).view(torch.int16)))
+    return out
+
+
+def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
+    """Callables running one prefill (1 x ctx tokens) and one decode step (batch x ctx context)."""
+    runner = llm.engine.runner
+    bs = llm.engine.config.block_size
+    per_seq = -(-(ctx + 1) // bs)
+    vocab = llm.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    params = SP(temperature=0)
+
+    def item(i, tokens, start):
+        blocks = list(range(i * per_seq, (i + 1) * per_seq))
+        all_ids = torch.randint(100, vocab, (ctx + 1,), generator=g).tolist()
+        return ScheduledRequest(f"b{i}", tokens, start, blocks, True, params, all_ids, ctx)
+    prefill = [item(0, torch.randint(100, vocab, (ctx,), generator=g).tolist(), 0)]
+    decode = [item(i, [5], ctx) for i in range(batch)]
+    p_in, d_in = runner.prepare_inputs(prefill), runner.prepare_inputs(decode)
+    return {"prefill": lambda: runner._logits(p_in), "decode": lambda: runner._logits(d_in)}, batch * per_seq
+
+
+def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: int) -> dict:
+    """Each pass alone, then with a reload / store of num_blocks issued just before it on the copy
+    streams (the pass does not wait for it): slowdown of the pass and the copy's own rate."""
+    eng, dev, clock = llm.engine.runner.transfers, llm.engine.device, Clock(llm.engine.device)
+    ng, nc = eng.gpu_blocks.shape[0], eng.cpu_blocks.shape[0]
+    gpu_ids = list(range(first_free_block, min(ng, first_free_block + num_blocks)))
+    pairs = list(zip(gpu_ids, torch.randperm(nc)[:len(gpu_ids)].tolist()))
+    out = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn()
+            clock.sync()
+            alone = []
+            for _ in range(reps):
+                alone.append(clock.time_ms(fn))
+            out[f"{name}_alone_ms"] = statistics.median(alone)
+            for direction in ("to_gpu", "to_cpu"):
+                passes, rates = [], []
+                for _ in range(reps):
+                    clock.sync()
+                    flight = _InFlight(-1, [])
+                    if eng.on_gpu:
+                        # the copy stream must not wait on earlier work: it starts with the pass
+                        eng._issue(direction, pairs, flight)
+                    passes.append(clock.time_ms(fn))
+                    eng.synchronize()
+                    if eng.on_gpu:
+                        _, start, end = flight.timed[0]
+                        rates.append(len(pairs) * eng.block_bytes / start.elapsed_time(end) / 1e6)
+                key = f"{name}_with_{direction}"
+                out[f"{key}_ms"] = statistics.median(passes)
+                out[f"{key}_slowdown"] = out[f"{key}_ms"] / out[f"{name}_alone_ms"] - 1
+                out[f"{key}_copy_GBps"] = statistics.median(rates) if rates else None
+    return out
+
+
+def ttft(llm: LLM, prefix_len: int, tail: int, reps: int, evictors: int) -> dict:
+    """TTFT of a prompt whose prefix is in the CPU tier vs a fresh prompt of the same length."""
+    vocab = llm.engine.model_config.vocab_size
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    seed = 100
+    runs = []
+
+    def fresh(n):
+        nonlocal seed
+        seed += 1
+        return random_requests(1, n, 1, vocab, seed)[0].prompt_token_ids
+
+    for rep in range(reps + 1):  # the first round warms up (kernel variants for prefix + new tokens)
+        prompt = fresh(prefix_len + tail)
+        recompute = llm.generate([prompt], one, use_tqdm=False)[0].metrics
+        for _ in range(evictors):  # push the prompt's blocks out of the GPU pool (demoted to CPU)
+            llm.generate([fresh(prefix_len + tail)], one, use_tqdm=False)
+        again = prompt[:prefix_len] + fresh(tail)
+        hit = llm.generate([again], one, use_tqdm=False)[0].metrics
+        if rep:
+            runs.append({"recompute_ttft_s": recompute.ttft_s, "cpu_hit_ttft_s": hit.ttft_s,
+                         "cached_by_tier": hit.num_cached_tokens_by_tier})
+    rec = statistics.median(r["recompute_ttft_s"] for r in runs)
+    hit = statistics.median(r["cpu_hit_ttft_s"] for r in runs)
+    return {"prefix_len": prefix_len, "tail": tail, "runs": runs, "recompute_ttft_s": rec,
+            "cpu_hit_ttft_s": hit, "speedup": rec / hit}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, same code paths")
+    args = ap.parse_args()
+    if args.dry_run:
+        model, dev, ctx, batch, blocks, prefix, reps = "tiny-llama", "cpu", 64, 4, 8, 48, 2
+        gpu_blocks, cpu_gib = 64, 0.01
+    else:
+        model, dev, ctx, batch, blocks, prefix, reps = "llama3-8b", "cuda", 2048, 64, 256, 4096, 5
+        gpu_blocks, cpu_gib = 8704, 8.0
+    llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=gpu_blocks,
+              kv_offloading_size=cpu_gib, max_num_seqs=batch, max_model_len=max(ctx + 64, prefix + 64),
+              max_num_batched_tokens=max(ctx, prefix + 64), skip_tokenizer_init=True)
+    device = llm.engine.device
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "model": model, "dtype": str(llm.engine.dtype), "block_size": llm.engine.config.block_size,
+              "gpu_blocks": gpu_blocks, "cpu_blocks": llm.engine.host_pool.num_blocks,
+              "command": "python3 benchmarks/tier_gpu.py " + " ".join(sys.argv[1:])}
+    result.update(pinned_rate(device))
+    result["transfer"] = transfer_rates(llm, blocks, reps)
+    fns, used = forward_fns(llm, batch, ctx)
+    result["overlap"] = {"batch": batch, "context": ctx, "blocks": blocks,
+                         **overlap(llm, fns, used, blocks, reps)}
+    del fns
+    # TTFT: a GPU pool of ~2.5 prompts, so three later prompts push the first one to the CPU tier
+    llm = None
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    bs = 16
+    pool = int(2.5 * (prefix + 16) / bs)
+    llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=pool, kv_offloading_size=cpu_gib,
+              max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64, skip_tokenizer_init=True)
+    result["ttft"] = ttft(llm, prefix, 16, reps, evictors=3)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    t, o, tt = result["transfer"], result["overlap"], result["ttft"]
+    print(f"\n{'what':<44}{'value':>12}")
+    for k in ("pinned_h2d_GBps", "pinned_d2h_GBps"):
+        if k in result:
+            print(f"{k:<44}{result[k]:>12.1f}")
+    print(f"{'reload (to_gpu) GB/s, 256 scattered blocks':<44}{t['to_gpu_GBps']:>12.1f}")
+    print(f"{'store (to_cpu) GB/s':<44}{t['to_cpu_GBps']:>12.1f}")
+    print(f"{'byte-exact':<44}{str(t['exact']):>12}")
+    for name in fns_names(o):
+        for d in ("to_gpu", "to_cpu"):
+            print(f"{name + ' slowdown with ' + d:<44}{o[f'{name}_with_{d}_slowdown']:>12.3f}")
+    print(f"{'TTFT recompute 4096 (s)':<44}{tt['recompute_ttft_s']:>12.4f}")
+    print(f"{'TTFT prefix in CPU tier (s)':<44}{tt['cpu_hit_ttft_s']:>12.4f}")
+    print(f"{'TTFT speedup':<44}{tt['speedup']:>12.2f}")
+
+
+def fns_names(o: dict) -> list[str]:
+    return [k[:-len("_alone_ms")] for k in o if k.endswith("_alone_ms")]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The CPU tier's storage: one block-major KV tensor in pinned host memory.
+
+Layout (num_cpu_blocks, layers, 2, block_size, kv_heads, head_dim): one CPU block is one
+contiguous chunk holding all layers' K and V (2 MiB for Llama-3-8B in bf16), so a block can
+later move as a single DMA chunk (disk tier) or be read per layer (layer-wise streaming).
+
+The memory is allocated pageable, then page-locked in chunks with cudaHostRegister (a progress
+bar shows it; pinning tens of GiB takes seconds). Registered memory is mapped into the GPU's
+address space (UVA), so the transfer kernel reads and writes it directly. If pinning a chunk
+fails, the pool keeps the chunks already pinned and says so: a smaller tier, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+PIN_CHUNK_BYTES = 1 << 30
+_CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def pinning_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _register(ptr: int, num_bytes: int) -> bool:
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(ptr, num_bytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+    return int(getattr(err, "value", err)) == 0
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class HostKVPool:
+    """Owns the CPU tier's tensor; unregisters the pinned pages before the memory is freed."""
+
+    def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, pin: bool | None = None):
+        shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+        pin = pinning_available() if pin is None else pin
+        self._tensor = torch.zeros(shape, dtype=dtype) if not pin else torch.empty(shape, dtype=dtype)
+        self._registered: list[int] = []
+        self.pinned = pin
+        self.kv = self._pin(self._tensor) if pin else self._tensor  # (Nc, L, 2, bs, Hkv, D)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[0]
+
+    def _pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Register whole blocks chunk by chunk; on failure keep the pinned prefix."""
+        block_bytes = tensor[0].numel() * tensor.element_size()
+        blocks_per_chunk = max(1, PIN_CHUNK_BYTES // block_bytes)
+        num_pinned = 0
+        with tqdm(total=tensor.shape[0] * block_bytes, unit="B", unit_scale=True, desc="pinning CPU KV tier",
+                  disable=tensor.shape[0] * block_bytes < 4 * PIN_CHUNK_BYTES) as bar:
+            while num_pinned < tensor.shape[0]:
+                n = min(blocks_per_chunk, tensor.shape[0] - num_pinned)
+                ptr = tensor[num_pinned].data_ptr()
+                if not _register(ptr, n * block_bytes):
+                    break
+                self._registered.append(ptr)
+                num_pinned += n
+                bar.update(n * block_bytes)
+        if num_pinned < tensor.shape[0]:
+            logger.warning("kvtier: could pin only %.2f of %.2f GiB for the CPU KV tier; using %d of %d "
+                           "blocks (lower --kv-offloading-size or raise the locked-memory limit)",
+                           num_pinned * block_bytes / 2**30, tensor.shape[0] * block_bytes / 2**30,
+                           num_pinned, tensor.shape[0])
+        return tensor[:num_pinned]
+
+    def close(self) -> None:
+        for ptr in self._registered:
+            _unregister(ptr)
+        self._registered = []
+
+    def __del__(self) -> None:
+        if self._registered:
+            self.close()

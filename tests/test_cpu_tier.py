@@ -1,0 +1,229 @@
+"""The CPU tier: same greedy tokens with it on and off under heavy demotion, reload and swapping;
+both tiers' accounting after every step; CPU hits counted and not recomputed; a full CPU pool
+evicting only blocks nobody uses; a failed pinned allocation degrading to a smaller tier."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import MIXED_LENGTHS, greedy, random_prompts
+from kvtier import LLM
+from kvtier.cache.hashing import hash_full_blocks
+from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.engine import host_kv_pool
+from kvtier.offload.cost_model import HardwareRates, SwapCostModel
+from kvtier.request import Request
+from kvtier.sampling_params import SamplingParams
+
+# 2-token blocks, a pool of 80 tokens (a 64-token prompt and its answer barely fit) and 8-token
+# steps: nearly every step allocates blocks (evicting and demoting cached ones) and running
+# requests keep preempting (swapping) each other.
+TIGHT = dict(block_size=2, num_gpu_blocks_override=40, max_model_len=80, max_num_seqs=4,
+             max_num_batched_tokens=8)
+NEW_TOKENS = 6
+
+
+def waves(seed: int = 5) -> list[list[list[int]]]:
+    """Three waves: fresh prompts; the same prompts with new endings (prefix hits, by then
+    evicted from the small GPU pool) and a few repeated whole; some of those extended again."""
+    first = random_prompts(MIXED_LENGTHS, seed=seed)
+    tails = random_prompts([3] * len(first), seed=seed + 1)
+    second = [p + t for p, t in zip(first, tails)] + first[:3]
+    return [first, second, [p + [9, 9] for p in second[:6]]]
+
+
+def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
+    """Step the engine by hand: check both tiers after every step, count steps that move KV."""
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
+    engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
+    execute = engine.runner.execute
+
+    def counting_execute(plan):
+        nonlocal moved_steps, steps
+        steps += 1
+        moved_steps += not plan.transfers.is_empty
+        return execute(plan)
+    engine.runner.execute = counting_execute
+    for w, prompts in enumerate(prompt_waves):
+        for i, p in enumerate(prompts):
+            engine.add_request(p, greedy(new_tokens), request_id=f"{w}-{i}")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outs[out.request_id] = out
+            engine.check_integrity()
+    assert engine.num_held_blocks() == 0 and engine.kv_cache.num_held_cpu_blocks() == 0
+    tokens = {k: v.outputs[0].token_ids for k, v in outs.items()}
+    return tokens, outs, engine, moved_steps / steps
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-opt"])
+def model_path(request, tiny_model_dir):
+    return tiny_model_dir(request.param)[0]
+
+
+_REFERENCE: dict = {}
+
+
+def tier_off_reference(path):
+    """Tokens with the tier off (computed once per model)."""
+    if path not in _REFERENCE:
+        tokens, _, off, _ = run_waves(path, waves())
+        assert off.scheduler.num_preemptions > 0  # the pool is tight enough to preempt without a tier
+        _REFERENCE[path] = tokens
+    return _REFERENCE[path]
+
+
+@pytest.mark.parametrize("policy", ["write-back", "write-through"])
+def test_tier_on_equals_off_under_heavy_movement(model_path, policy):
+    prompt_waves = waves()
+    ref = tier_off_reference(model_path)
+    got, outs, engine, moved = run_waves(model_path, prompt_waves, kv_offloading_size=0.002,
+                                         kv_offloading_policy=policy)
+    assert got == ref
+    stats = engine.stats()
+    assert stats["num_swaps_out_total"] > 0 and stats["num_swaps_in_total"] > 0
+    assert stats["prefix_hit_tokens_cpu_total"] > 0 and stats["blocks_to_gpu_total"] > 0
+    if policy == "write-back":
+        assert stats["num_demotions_total"] > 0
+    assert stats["bytes_to_cpu_total"] == stats["blocks_to_cpu_total"] * engine.host_pool.kv[0].nbytes
+    assert moved > 0.5, f"only {moved:.0%} of steps moved KV between tiers"
+    assert any(o.metrics.num_cached_tokens_by_tier["cpu"] > 0 for o in outs.values())
+
+
+def test_tier_on_equals_off_smollm2(smollm2):
+    ref, _, _, _ = run_waves(smollm2, waves())
+    got, _, engine, moved = run_waves(smollm2, waves(), kv_offloading_size=0.05)
+    assert got == ref
+    stats = engine.stats()
+    assert stats["num_swaps_out_total"] > 0 and stats["prefix_hit_tokens_cpu_total"] > 0
+    assert moved > 0.5
+
+
+def test_cpu_hit_is_counted_and_not_recomputed(tiny_model_dir):
+    path, _ = tiny_model_dir("tiny-llama")
+    prompt = random_prompts([70], seed=3)[0]
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", num_gpu_blocks_override=6,
+              max_model_len=96, kv_offloading_size=0.002)
+    first = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
+    llm.generate(random_prompts([80, 80], seed=4), greedy(8), use_tqdm=False)  # evicts the prompt's blocks
+    first_hash = hash_full_blocks(prompt, 16)[0]
+    assert llm.engine.kv_cache.pool.lookup(first_hash) is None  # gone from the GPU ...
+    assert llm.engine.kv_cache.cpu_pool.lookup(first_hash) is not None  # ... kept on the CPU
+    before = llm.engine.runner.num_computed_tokens
+    second = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
+    assert second.metrics.num_cached_tokens_by_tier == {"gpu": 0, "cpu": 64}
+    assert second.metrics.num_cached_tokens == 64
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.engine.runner.num_computed_tokens - before == 70 - 64 + 7  # the 64 came back by copy
+    llm.engine.check_integrity()
+
+
+def _request(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def test_full_cpu_pool_evicts_only_unused_blocks():
+    """Swapped requests hold CPU blocks; demotions into a full pool evict cached blocks in LRU
+    order and never a held one."""
+    mgr = KVCacheManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
+    held = _request("held", list(range(10, 18)))  # 2 full blocks
+    assert mgr.allocate_slots(held, 8)
+    held.num_computed_tokens = 8
+    assert mgr.swap_out(held)
+    mgr.complete_transfers(mgr.take_transfers(0).step_id)
+    held_cpu = [b.block_id for b in mgr.swapped["held"][0]]
+    for i in range(3):  # each request fills all 4 GPU blocks, evicting (demoting) the last one's
+        req = _request(f"r{i}", [100 * (i + 1) + t for t in range(16)])
+        assert mgr.allocate_slots(req, 16, mgr.get_computed_blocks(req))
+        req.num_computed_tokens = 16
+        mgr.free(req)
+        mgr.complete_transfers(mgr.take_transfers(i + 1).step_id)
+        mgr.check_integrity()
+        assert [b.block_id for b in mgr.swapped["held"][0]] == held_cpu
+        assert all(mgr.cpu_pool.blocks[b].ref_cnt == 1 for b in held_cpu)
+    assert mgr.cpu_pool.num_evictions > 0
+    assert mgr.num_demotions > 2  # only 2 free CPU blocks: later demotions evicted earlier ones
+    # the swapped request comes back from its own blocks
+    hit = mgr.get_computed_blocks(held)
+    held.num_computed_tokens = 0
+    assert hit.swapped and hit.num_tokens == 8 and [b.block_id for b in hit.cpu] == held_cpu
+    assert mgr.allocate_slots(held, 1, hit)
+    assert [c for c, _ in mgr.take_transfers(9).loads] == held_cpu
+    mgr.complete_transfers(9)
+    mgr.free(held)
+    mgr.check_integrity()
+
+
+def test_swap_decision_follows_the_cost_model(tiny_model_dir):
+    cost = SwapCostModel(HardwareRates(link_bytes_per_s=50e9, flops_per_s=700e12),
+                         kv_bytes_per_token=131072, flops_per_token=16e9)  # Llama-3-8B on an H100
+    assert cost.swap_pays(2048) and cost.swap_seconds(1000) < cost.recompute_seconds(1000)
+    cheap_kv = SwapCostModel(HardwareRates(1e9, 1e15), kv_bytes_per_token=131072, flops_per_token=1e6)
+    assert not cheap_kv.swap_pays(2048)
+    # an engine whose cost model prefers recomputation preempts by recompute, with equal tokens
+    path, _ = tiny_model_dir("tiny-llama")
+    ref = tier_off_reference(path)
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
+    llm.engine.kv_cache.swap_pays = cheap_kv.swap_pays
+    outs = llm.generate(waves()[0], greedy(NEW_TOKENS), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [ref[f"0-{i}"] for i in range(len(outs))]
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.kv_cache.num_swaps_out == 0
+
+
+def test_failed_pinning_degrades_with_a_warning(monkeypatch, caplog, tiny_model_dir):
+    calls = []
+
+    def register(ptr, num_bytes):
+        calls.append(num_bytes)
+        return len(calls) <= 2  # the third chunk fails
+
+    monkeypatch.setattr(host_kv_pool, "_register", register)
+    monkeypatch.setattr(host_kv_pool, "_unregister", lambda ptr: None)
+    monkeypatch.setattr(host_kv_pool, "PIN_CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(host_kv_pool, "pinning_available", lambda: True)
+    path, _ = tiny_model_dir("tiny-llama")
+    with caplog.at_level(logging.WARNING):
+        llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
+    pool = llm.engine.host_pool
+    per_chunk = (1 << 16) // pool.kv[0].nbytes
+    assert pool.pinned and pool.num_blocks == 2 * per_chunk
+    assert llm.engine.kv_cache.cpu_pool.num_blocks == 2 * per_chunk
+    assert "could pin only" in caplog.text
+    outs = llm.generate(waves()[0], greedy(8), use_tqdm=False)  # and it serves
+    assert all(o.finished for o in outs)
+
+    monkeypatch.setattr(host_kv_pool, "_register", lambda ptr, n: False)
+    with caplog.at_level(logging.WARNING):
+        llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
+    assert llm.engine.host_pool is None and llm.engine.kv_cache.cpu_pool is None
+    assert "running without it" in caplog.text
+
+
+def test_bad_offloading_size_is_a_clear_error(tiny_model_dir):
+    path, _ = tiny_model_dir("tiny-llama")
+    with pytest.raises(ValueError, match="kv_offloading_size"):
+        LLM(str(path), skip_tokenizer_init=True, kv_offloading_size=-1)
+    with pytest.raises(ValueError, match="holds no KV block"):
+        LLM(str(path), skip_tokenizer_init=True, kv_offloading_size=1e-9)
+    with pytest.raises(ValueError, match="kv_offloading_policy"):
+        LLM(str(path), skip_tokenizer_init=True, kv_offloading_policy="sometimes")
+
+
+def test_transfer_round_trip_is_byte_exact():
+    from kvtier.cache.transfers import KVTransfers
+    from kvtier.engine.transfer_engine import TransferEngine
+    gpu = torch.randn(3, 2, 8, 4, 2, 8)  # (L, 2, Ng, bs, Hkv, D)
+    cpu = torch.randn(5, 3, 2, 4, 2, 8)  # (Nc, L, 2, bs, Hkv, D)
+    eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
+    before = gpu.clone()
+    eng.before_forward(KVTransfers(stores=[(6, 1), (2, 4)], step_id=0))
+    assert torch.equal(cpu[1], before[:, :, 6]) and torch.equal(cpu[4], before[:, :, 2])
+    eng.before_forward(KVTransfers(loads=[(1, 0), (4, 7)], step_id=1))
+    assert torch.equal(gpu[:, :, 0], before[:, :, 6]) and torch.equal(gpu[:, :, 7], before[:, :, 2])
+    untouched = [i for i in range(8) if i not in (0, 7)]
+    assert torch.equal(gpu[:, :, untouched], before[:, :, untouched])
+    assert eng.bytes == {"to_cpu": 2 * gpu[:, :, 0].nbytes, "to_gpu": 2 * gpu[:, :, 0].nbytes}

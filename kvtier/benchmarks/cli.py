@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -45,3 +46,18 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             json.dump(results, f, indent=2)
     print_table(results)
     return 0
+
+
+def run_bench_multiturn(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.multiturn import MultiturnConfig, run_multiturn
+    from kvtier.cli import engine_kwargs
+    cfg = MultiturnConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MultiturnConfig)})
+    run_multiturn(cfg, engine_kwargs(args))
+    return 0
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.serve import ServeBenchConfig, run_serve_benchmark
+    cfg = ServeBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeBenchConfig)})
+    res = run_serve_benchmark(cfg)
+    return 0 if res["completed"] else 1

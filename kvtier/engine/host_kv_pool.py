@@ -47,6 +47,9 @@ class HostKVPool:
         self._tensor = torch.zeros(shape, dtype=dtype) if not pin else torch.empty(shape, dtype=dtype)
         self._registered: list[int] = []
         self.pinned = pin
+        block_bytes = self._tensor[0].numel() * self._tensor.element_size() if num_blocks else 1
+        # one copy must not span two registrations (the driver rejects it): copies split here
+        self.blocks_per_chunk = max(1, PIN_CHUNK_BYTES // block_bytes) if pin else num_blocks
         self.kv = self._pin(self._tensor) if pin else self._tensor  # (Nc, L, 2, bs, Hkv, D)
 
     @property
@@ -56,7 +59,7 @@ class HostKVPool:
     def _pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """Register whole blocks chunk by chunk; on failure keep the pinned prefix."""
         block_bytes = tensor[0].numel() * tensor.element_size()
-        blocks_per_chunk = max(1, PIN_CHUNK_BYTES // block_bytes)
+        blocks_per_chunk = self.blocks_per_chunk
         num_pinned = 0
         with tqdm(total=tensor.shape[0] * block_bytes, unit="B", unit_scale=True, desc="pinning CPU KV tier",
                   disable=tensor.shape[0] * block_bytes < 4 * PIN_CHUNK_BYTES) as bar:

@@ -30,6 +30,7 @@ from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
+LOG_STATS_INTERVAL_S = 10.0
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class LLMEngine:
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
         self._group_of: dict[str, tuple[str, _Sequence]] = {}  # child request id -> (group id, seq)
         self._ids = itertools.count()
+        self._last_log = time.monotonic()
         logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
 
@@ -159,7 +161,7 @@ class LLMEngine:
         self.host_pool = pool
         logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", pool.num_blocks,
                     pool.num_blocks * block_bytes / GiB, ", pinned" if pool.pinned else "")
-        return TransferEngine(kv, pool.kv, block_bytes)
+        return TransferEngine(kv, pool.kv, block_bytes, pool.blocks_per_chunk)
 
     def _swap_cost_model(self, model: torch.nn.Module) -> SwapCostModel:
         # small and quick: the decision needs the order of magnitude, not the last percent
@@ -294,7 +296,21 @@ class LLMEngine:
             outputs.append(self._output(group))
         if self.step_log is not None and not plan.is_empty:
             self._record_step(plan, start)
+        if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
+            self._log_stats()
         return outputs
+
+    def _log_stats(self) -> None:
+        """vLLM-style periodic line: queue, KV usage and prefix hits per tier, bytes moved."""
+        s, self._last_log = self.stats(), time.monotonic()
+        queried = max(1, s["prefix_query_tokens_total"])
+        line = (f"running {s['num_running']}, waiting {s['num_waiting']}, GPU KV {s['kv_usage_gpu']:.1%}, "
+                f"prefix hits GPU {s['prefix_hit_tokens_gpu_total'] / queried:.1%}")
+        if self.host_pool is not None:
+            line += (f", CPU KV {s['kv_usage_cpu']:.1%}, prefix hits CPU {s['prefix_hit_tokens_cpu_total'] / queried:.1%}, "
+                     f"to CPU {s['bytes_to_cpu_total'] / 2**30:.2f} GiB, to GPU {s['bytes_to_gpu_total'] / 2**30:.2f} GiB, "
+                     f"demotions {s['num_demotions_total']}, swaps {s['num_swaps_out_total']}")
+        logger.info("kvtier: %s", line)
 
     def _record_step(self, plan, start: float) -> None:
         if self.device.type == "cuda":

@@ -49,13 +49,15 @@ class _InFlight:
 
 
 class TransferEngine:
-    def __init__(self, gpu_kv: torch.Tensor, cpu_kv: torch.Tensor, block_bytes: int):
+    def __init__(self, gpu_kv: torch.Tensor, cpu_kv: torch.Tensor, block_bytes: int,
+                 cpu_blocks_per_chunk: int | None = None):
         # gpu_kv: (L, 2, Ng, bs, Hkv, D) on the device; cpu_kv: (Nc, L, 2, bs, Hkv, D) pinned
         num_layers = gpu_kv.shape[0]
         self.gpu_blocks = gpu_kv.view(num_layers, 2, gpu_kv.shape[2], -1).permute(2, 0, 1, 3)
         self.cpu_blocks = cpu_kv.view(cpu_kv.shape[0], num_layers, 2, -1)  # (block, layer, kv, row)
         self.device = gpu_kv.device
         self.block_bytes = block_bytes
+        self.chunk = cpu_blocks_per_chunk or cpu_kv.shape[0]  # a DMA run never crosses a pinned chunk
         self.on_gpu = self.device.type == "cuda"
         rows = (min(staging_blocks(block_bytes), cpu_kv.shape[0]),) + tuple(self.cpu_blocks.shape[1:])
         self.staging = {d: torch.empty(rows, dtype=gpu_kv.dtype, device=self.device) for d in ("to_cpu", "to_gpu")}
@@ -130,7 +132,7 @@ class TransferEngine:
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
             if direction == "to_cpu":
                 copy_blocks(self.gpu_blocks, staging, ids[0], ids[1], **self.kernel_args)
-            for slot, cpu_id, n in _runs([c for _, c in chunk]):
+            for slot, cpu_id, n in _runs([c for _, c in chunk], self.chunk):
                 if direction == "to_cpu":
                     self.cpu_blocks[cpu_id:cpu_id + n].copy_(staging[slot:slot + n], non_blocking=True)
                 else:
@@ -168,11 +170,12 @@ class TransferEngine:
                 "transfer_seconds_to_gpu_total": self.seconds["to_gpu"]}
 
 
-def _runs(cpu_ids: list[int]) -> list[tuple[int, int, int]]:
-    """Sorted CPU block ids -> (first slot, first CPU block, length) of each consecutive run."""
+def _runs(cpu_ids: list[int], chunk: int) -> list[tuple[int, int, int]]:
+    """Sorted CPU block ids -> (first slot, first CPU block, length) of each run of consecutive
+    blocks within one `chunk`-block registration of the pinned pool."""
     runs: list[tuple[int, int, int]] = []
     for slot, cpu_id in enumerate(cpu_ids):
-        if runs and runs[-1][1] + runs[-1][2] == cpu_id:
+        if runs and runs[-1][1] + runs[-1][2] == cpu_id and cpu_id % chunk:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
             runs.append((slot, cpu_id, 1))

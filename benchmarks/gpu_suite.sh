@@ -16,6 +16,10 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# ShareGPT conversations tokenized here beforehand (the GPU machine has no dataset): see benchmarks/data/README.md
+MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init --max-model-len 8192
+  --conversations-file benchmarks/data/sharegpt_multiturn_64x6.json --num-conversations 64 --max-active 32
+  --think-time 1.0 --gpu-kv-fraction 0.25 --kv-offloading-size 12 --warmup-conversations 16"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -26,8 +30,8 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
   fi
   if want equality; then
     echo "== greedy equality on the GPU (HF; CPU tier on/off) and transfer exactness"
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_hf_equality.py tests/test_engine_invariance.py \
-        tests/test_sampling.py tests/test_cpu_tier.py tests/test_kv_transfer.py -k "not smollm2" \
+    python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_hf_equality.py tests/test_engine_invariance.py \
+        tests/test_sampling.py tests/test_cpu_tier.py tests/test_kv_transfer.py} -k "not smollm2" \
         || echo "GPU TESTS FAILED rc=$?"
   fi
   if want bench; then
@@ -44,7 +48,7 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"
-    python3 -m kvtier.cli bench multiturn ${MULTITURN_ARGS:-} --output-json "$OUT/multiturn.json" \
+    python3 -m kvtier.cli bench multiturn ${MULTITURN_ARGS:-$MULTITURN_DEFAULT} --output-json "$OUT/multiturn.json" \
         --plot "$OUT/multiturn.png" || echo "MULTITURN FAILED rc=$?"
   fi
 } 2>&1 | tee "$log"

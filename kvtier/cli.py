@@ -208,6 +208,10 @@ def _add_bench_multiturn(bsub) -> None:
                          "throwaway engine, so that kernels compile outside the timed run (default: all; 0 = none)")
     mt.add_argument("--output-json", default=None, help="write the results here (a list `runs`, one per setting)")
     mt.add_argument("--plot", default=None, help="write a PNG here: TTFT CDF, TTFT by turn, hit tokens by tier")
+    mt.add_argument("--save-conversations", default=None,
+                    help="write the tokenized conversations (JSON) here and stop: for a machine without the dataset")
+    mt.add_argument("--conversations-file", default=None,
+                    help="read tokenized conversations written by --save-conversations instead of the dataset")
     add_engine_args(mt, positional_model=False)
     mt.set_defaults(func=cmd_bench_multiturn)
 

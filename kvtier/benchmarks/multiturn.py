@@ -64,6 +64,8 @@ class MultiturnConfig:
     warmup_conversations: int | None = None  # conversations rehearsed before each setting (default: all)
     output_json: str | None = None
     plot: str | None = None
+    conversations_file: str | None = None  # read tokenized conversations (from --save-conversations)
+    save_conversations: str | None = None  # write the tokenized conversations here and stop
 
     def __post_init__(self) -> None:
         if self.dataset not in ("sharegpt", "random"):
@@ -184,6 +186,8 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> str:
 
 def build_conversations(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], vocab_size: int,
                         max_len: int) -> list[Conversation]:
+    if cfg.conversations_file:
+        return load_conversations(cfg.conversations_file, cfg.num_conversations, max_len, vocab_size)
     if cfg.dataset == "random":
         if cfg.num_turns * (cfg.user_len + cfg.output_len) > max_len:
             raise ValueError(f"{cfg.num_turns} turns of {cfg.user_len} + {cfg.output_len} tokens exceed "
@@ -203,6 +207,24 @@ def build_conversations(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], voc
         raise ValueError(f"the tokenizer's ids (up to {top}) exceed the model's vocabulary of {vocab_size}; "
                          "use --dataset random or a matching --tokenizer")
     return convs
+
+
+def save_conversations(conversations: list[Conversation], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(c) for c in conversations], f)
+
+
+def load_conversations(path: str, num: int, max_len: int, vocab_size: int) -> list[Conversation]:
+    """Tokenized conversations saved by --save-conversations (for a machine without the dataset)."""
+    with open(path) as f:
+        convs = [Conversation(**c) for c in json.load(f)]
+    fits = [c for c in convs if c.num_tokens <= max_len][:num]
+    if not fits:
+        raise ValueError(f"no conversation in {path} fits {max_len} tokens")
+    top = max(max(t) for c in fits for t in c.user_turns)
+    if top >= vocab_size:
+        raise ValueError(f"{path} holds token ids up to {top}, beyond the model's vocabulary of {vocab_size}")
+    return fits
 
 
 def benchmark_tokenizer(engine_kwargs: dict[str, Any]):
@@ -417,6 +439,10 @@ def run_multiturn(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], progress:
     if engine_kwargs["num_gpu_blocks_override"]:
         max_len = min(max_len, engine_kwargs["num_gpu_blocks_override"] * engine_kwargs["block_size"])
     conversations = build_conversations(cfg, engine_kwargs, mcfg.vocab_size, max_len)
+    if cfg.save_conversations:
+        save_conversations(conversations, cfg.save_conversations)
+        print(f"wrote {len(conversations)} tokenized conversations to {cfg.save_conversations}")
+        return {"conversations": len(conversations)}
     _size_gpu_pool(cfg, engine_kwargs, conversations)
     _, dtype = resolve_device_dtype(EngineConfig.from_kwargs(**engine_kwargs))
     cpu_gib = engine_kwargs["kv_offloading_size"] or cpu_tier_gib(conversations,

@@ -208,21 +208,28 @@ def main() -> None:
     fns, used = forward_fns(llm, batch, ctx)
     result["overlap"] = {"batch": batch, "context": ctx, "blocks": blocks,
                          **overlap(llm, fns, used, blocks, reps)}
-    del fns
-    # TTFT: a GPU pool of ~2.5 prompts, so three later prompts push the first one to the CPU tier
-    llm = None
+    # TTFT: a GPU pool of ~2.5 prompts, so three later prompts push the first one to the CPU tier;
+    # with each demotion policy (write-back stores evicted blocks on the critical path of the
+    # request that evicts them; write-through stored them earlier, beside other work)
+    llm = fns = None
     import gc
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    bs = 16
-    pool = int(2.5 * (prefix + 16) / bs)
-    llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=pool, kv_offloading_size=cpu_gib,
-              max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64, skip_tokenizer_init=True)
-    result["ttft"] = ttft(llm, prefix, 16, reps, evictors=3)
+    pool = int(2.5 * (prefix + 16) / 16)
+    result["ttft"] = {}
+    for policy in ("write-back", "write-through"):
+        llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=pool, kv_offloading_size=cpu_gib,
+                  kv_offloading_policy=policy, max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64,
+                  max_num_seqs=8, skip_tokenizer_init=True)
+        result["ttft"][policy] = ttft(llm, prefix, 16, reps, evictors=3)
+        llm = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    t, o, tt = result["transfer"], result["overlap"], result["ttft"]
+    t, o = result["transfer"], result["overlap"]
     print(f"\n{'what':<44}{'value':>12}")
     for k in ("pinned_h2d_GBps", "pinned_d2h_GBps"):
         if k in result:
@@ -233,9 +240,10 @@ def main() -> None:
     for name in fns_names(o):
         for d in ("to_gpu", "to_cpu"):
             print(f"{name + ' slowdown with ' + d:<44}{o[f'{name}_with_{d}_slowdown']:>12.3f}")
-    print(f"{'TTFT recompute 4096 (s)':<44}{tt['recompute_ttft_s']:>12.4f}")
-    print(f"{'TTFT prefix in CPU tier (s)':<44}{tt['cpu_hit_ttft_s']:>12.4f}")
-    print(f"{'TTFT speedup':<44}{tt['speedup']:>12.2f}")
+    for policy, tt in result["ttft"].items():
+        print(f"{'TTFT recompute ' + str(prefix) + ' (s), ' + policy:<44}{tt['recompute_ttft_s']:>12.4f}")
+        print(f"{'TTFT prefix in CPU tier (s), ' + policy:<44}{tt['cpu_hit_ttft_s']:>12.4f}")
+        print(f"{'TTFT speedup, ' + policy:<44}{tt['speedup']:>12.2f}")
 
 
 def fns_names(o: dict) -> list[str]:

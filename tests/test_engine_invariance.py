@@ -76,3 +76,19 @@ def test_triton_backend_equals_torch_backend(tiny_model_dir):
     tri, llm = run(path, prompts, attention_backend="triton")
     assert llm.engine.runner.attention_backend == "triton"
     assert tri == ref
+
+
+def test_short_prefill_chunks_as_per_token_decodes(tiny_model_dir, monkeypatch):
+    """Chunks of <= 7 tokens over a prefix take the per-token decode view: same tokens."""
+    from kvtier.engine import model_runner
+    path, _ = tiny_model_dir("tiny-llama")
+    monkeypatch.setattr(model_runner, "PER_TOKEN_MIN_CONTEXT", 0)
+    taken = []
+    original = model_runner.ModelRunner._per_token_view
+    monkeypatch.setattr(model_runner.ModelRunner, "_per_token_view",
+                        lambda self, q, s: taken.append(original(self, q, s)) or taken[-1])
+    prompts = random_prompts([5, 20, 37])
+    ref, _ = run(path, prompts, attention_backend="torch")
+    got, _ = run(path, prompts, attention_backend="triton", max_num_batched_tokens=7)
+    assert got == ref
+    assert any(taken)

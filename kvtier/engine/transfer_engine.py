@@ -15,13 +15,14 @@ concurrent forward by 15-40% (prefill) and more (decode), so it is not used here
 One step, on a GPU (see kvtier/cache/transfers.py for who plans what):
 
     store stream:  wait(compute) -> stores --------------------------> wait(compute) -> stores_after
-    load stream:   wait(compute, stores) -> loads
-    compute:                               wait(loads, stores) -> forward -> ...
+    load stream:   wait(compute, this step's stores) -> loads
+    compute:                               wait(loads, this step's stores) -> forward -> ...
 
 Stores wait for the compute stream because the blocks they read were written by earlier forwards;
 loads wait for it because their destination blocks may still be read by an earlier forward, and
-for the stores because a block being loaded into may be one just evicted and still being copied
-out. The forward waits for both and nothing waits on the whole device. On the CPU the same
+for this step's stores because a block being loaded into may be one just evicted and still being
+copied out. The forward waits for both. Write-through stores (stores_after) read blocks that stay
+referenced until they complete, so nothing waits for them: they run beside later steps. On the CPU the same
 staged path runs as plain copies, in order, and completes at once.
 """
 
@@ -81,18 +82,19 @@ class TransferEngine:
             self._copy_now("to_gpu", loads)
             return
         compute = torch.cuda.current_stream(self.device)
-        store, load = self.streams["to_cpu"], self.streams["to_gpu"]
         flight = _InFlight(plan.step_id, [])
+        stored = None
         if plan.stores:
-            store.wait_stream(compute)
-            self._issue("to_cpu", plan.stores, flight)
+            self.streams["to_cpu"].wait_stream(compute)
+            stored = self._issue("to_cpu", plan.stores, flight)
         if loads:
+            load = self.streams["to_gpu"]
             load.wait_stream(compute)
-            load.wait_stream(store)
-            self._issue("to_gpu", loads, flight)
-        if plan.stores or loads:
-            compute.wait_stream(store)
-            compute.wait_stream(load)
+            if stored is not None:  # only this step's stores: earlier write-through ones may run on
+                load.wait_event(stored)
+            compute.wait_event(self._issue("to_gpu", loads, flight))
+        if stored is not None:
+            compute.wait_event(stored)
         self._inflight.append(flight)
 
     def after_forward(self, plan: KVTransfers) -> None:
@@ -104,8 +106,9 @@ class TransferEngine:
             self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
             self._issue("to_cpu", plan.stores_after, self._inflight[-1])
 
-    def _issue(self, direction: str, pairs: list[tuple[int, int]], flight: _InFlight) -> None:
-        """pairs: (gpu_block_id, cpu_block_id), moved in `direction` on that direction's stream."""
+    def _issue(self, direction: str, pairs: list[tuple[int, int]], flight: _InFlight) -> torch.cuda.Event:
+        """pairs: (gpu_block_id, cpu_block_id), moved in `direction` on that direction's stream;
+        returns the event marking their end."""
         stream = self.streams[direction]
         with torch.cuda.stream(stream):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -113,6 +116,7 @@ class TransferEngine:
             self._staged_copy(direction, pairs)
             end.record(stream)
         flight.timed.append((direction, start, end))
+        return end
 
     def _copy_now(self, direction: str, pairs: list[tuple[int, int]]) -> None:
         if pairs:

@@ -34,6 +34,11 @@ class AttentionMetadata:
     max_seq_len: int
     seq_lens_list: list[int] = dataclasses.field(default_factory=list)  # host copies, no sync
     query_lens_list: list[int] = dataclasses.field(default_factory=list)
+    # The same step seen as one decode per query token (token i of a sequence = a sequence of
+    # length position_i + 1 with the same block table). Set for short prefills over long
+    # contexts, which a decode kernel splits along the context; a prefill kernel, parallel only
+    # over queries and heads, would leave most of the GPU idle.
+    per_token: "AttentionMetadata | None" = None
 
     @property
     def num_seqs(self) -> int:

@@ -138,7 +138,10 @@ def _online_softmax(s, v, acc, m_i, l_i, FP32_DOT: tl.constexpr):
     return acc, m_new, l_i
 
 
-@triton.jit
+# Integers that change from step to step (the block-table width, the split count) are not
+# specialized on: each new divisibility class would compile a variant (~1.5 s on an H100) in the
+# middle of serving.
+@triton.jit(do_not_specialize=["window", "num_splits", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                          qk_scale, window, num_splits,
@@ -194,7 +197,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         tl.store(part_acc_ptr + part[:, None].to(tl.int64) * HEAD_DIM + d[None, :], acc, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_ob"])
 def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits,
                           stride_ob, stride_oh, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """grid (B, Hq): combine the splits' (max, sum, acc) of one query head."""
@@ -332,7 +335,7 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_qt", "stride_ot", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                     query_start_loc_ptr, out_ptr, qk_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -417,9 +420,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
-    """q (T, Hq, D) -> (T, Hq, D); decode kernel when every sequence has one query, else prefill."""
+    """q (T, Hq, D) -> (T, Hq, D); decode kernel when every sequence has one query (or when the
+    step comes with a per-token decode view), else prefill."""
     if meta.is_decode_only:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    if meta.per_token is not None:
+        return paged_decode_attention(q, k_cache, v_cache, meta.per_token, scale, sliding_window)
     return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
 

@@ -38,8 +38,9 @@ _ENGINE_HELP = {
     "attention_backend": "torch (reference) or triton; default: triton on GPU, torch on CPU",
     "kv_offloading_size": "GiB of pinned CPU memory for the CPU KV tier (evicted prefix blocks and "
                           "swapped requests go there); 0 = off",
-    "kv_offloading_policy": "write-back (copy a block to CPU when the GPU evicts it) or write-through "
-                            "(copy every full block once computed)",
+    "kv_offloading_policy": "write-through (default: copy every block to CPU once full, beside later "
+                            "steps) or write-back (copy a block when the GPU evicts it, on the critical "
+                            "path of the request that needs the space)",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
             "kv_offloading_policy": OFFLOAD_POLICIES}

@@ -86,7 +86,7 @@ def tier_demo(gpu_blocks: int = 14, cpu_gib: float = 0.25) -> None:
             print(f"{label:>16}  " + "  ".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals))
     (off_tokens, _), (on_tokens, on) = totals[False], totals[True]
     print(f"\nTokens run through the model: {off_tokens} with the CPU tier off, {on_tokens} with it on.")
-    print(f"CPU tier: {on['num_demotions_total']} blocks demoted, {on['blocks_to_gpu_total']} loaded back, "
+    print(f"CPU tier: {on['blocks_to_cpu_total']} blocks copied to CPU, {on['blocks_to_gpu_total']} loaded back, "
           f"{on['num_swaps_out_total']} swaps, {on['bytes_to_cpu_total'] / 2**20:.1f} MiB to CPU and "
           f"{on['bytes_to_gpu_total'] / 2**20:.1f} MiB back, {on['num_evictions_cpu_total']} CPU evictions.")
 

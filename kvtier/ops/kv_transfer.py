@@ -22,7 +22,8 @@ issue order; more programs, more slowdown), while a plain pinned DMA `copy_` slo
 and 3-14%. What overlapped: copy_blocks between the scattered GPU rows and a contiguous GPU
 staging buffer (GPU -> GPU, a large grid, briefly the whole GPU) plus one 2 MiB DMA `copy_` per
 block between staging and the pinned pool: 46-50 GB/s alone, 41-48 GB/s beside the pass, slowing
-prefill 1-2% and decode 8-10% (benchmarks/transfer_gpu.py, "staged_dma").
+prefill 1-2% and decode 8-10% (benchmarks/transfer_gpu.py, "staged_dma"). The engine's transfer engine
+(kvtier/engine/transfer_engine.py) uses that staged path, with DMA runs of consecutive blocks.
 
 How the pinned tensor reaches the kernel: passed as is. Triton's CUDA launcher turns every tensor
 argument's `data_ptr()` into a device address with cuPointerGetAttribute(DEVICE_POINTER); memory

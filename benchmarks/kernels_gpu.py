@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kvtier.benchmarks.gpu_script import script_device  # noqa: E402
 from kvtier.offload.hardware import matmul_flops, memory_bandwidth  # noqa: E402
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
 
@@ -264,11 +264,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.smoke:
-            sys.exit("no CUDA device: full sizes need a GPU (use --smoke on the CPU)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+    device = script_device(args.smoke, "--smoke")  # before triton is imported below
     import triton
 
     import kvtier.ops.triton_attention as ta

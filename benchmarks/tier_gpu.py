@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -25,9 +26,8 @@ import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.cache.transfers import KVTransfers  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
-from kvtier.sampling_params import SamplingParams as SP  # noqa: E402
+from kvtier.offload.hardware import host_link_bandwidth  # noqa: E402
 from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
 
 
@@ -57,15 +57,15 @@ class Clock:
 def pinned_rate(device, nbytes=256 << 20) -> dict:
     if device.type != "cuda":
         return {}
-    host = torch.randint(0, 255, (nbytes,), dtype=torch.uint8).pin_memory()
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    clock, out = Clock(device), {}
-    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
-                     ("d2h", lambda: host.copy_(dev, non_blocking=True))):
-        for _ in range(3):
-            fn()
-        out[f"pinned_{name}_GBps"] = nbytes / statistics.median(clock.time_ms(fn) for _ in range(10)) / 1e6
-    return out
+    return {f"pinned_{name}_GBps": host_link_bandwidth(device, nbytes, to_device, iters=10) / 1e9
+            for name, to_device in (("h2d", True), ("d2h", False))}
+
+
+def release(device) -> None:
+    """Let the next engine have the memory of the one just dropped."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def transfer_rates(llm: LLM, num_blocks: int, reps: int) -> dict:
@@ -106,7 +106,7 @@ def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
     per_seq = -(-(ctx + 1) // bs)
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(1)
-    params = SP(temperature=0)
+    params = SamplingParams(temperature=0)
 
     def item(i, tokens, start):
         blocks = list(range(i * per_seq, (i + 1) * per_seq))
@@ -121,7 +121,7 @@ def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
 def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: int) -> dict:
     """Each pass alone, then with a reload / store of num_blocks issued just before it on the copy
     streams (the pass does not wait for it): slowdown of the pass and the copy's own rate."""
-    eng, dev, clock = llm.engine.runner.transfers, llm.engine.device, Clock(llm.engine.device)
+    eng, clock = llm.engine.runner.transfers, Clock(llm.engine.device)
     ng, nc = eng.gpu_blocks.shape[0], eng.cpu_blocks.shape[0]
     gpu_ids = list(range(first_free_block, min(ng, first_free_block + num_blocks)))
     pairs = list(zip(gpu_ids, torch.randperm(nc)[:len(gpu_ids)].tolist()))
@@ -212,10 +212,7 @@ def main() -> None:
     # with each demotion policy (write-back stores evicted blocks on the critical path of the
     # request that evicts them; write-through stored them earlier, beside other work)
     llm = fns = None
-    import gc
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     pool = int(2.5 * (prefix + 16) / 16)
     result["ttft"] = {}
     for policy in ("write-back", "write-through"):
@@ -224,9 +221,7 @@ def main() -> None:
                   max_num_seqs=8, skip_tokenizer_init=True)
         result["ttft"][policy] = ttft(llm, prefix, 16, reps, evictors=3)
         llm = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     t, o = result["transfer"], result["overlap"]

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import pathlib
 import statistics
 import sys
@@ -50,6 +49,8 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from kvtier.benchmarks.gpu_script import script_device  # noqa: E402
 
 DTYPE = torch.bfloat16
 DIRECTIONS = ("reload", "store")
@@ -572,11 +573,7 @@ def section(result: dict, name: str, fn):
 
 def main() -> int:
     args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.dry_run:
-            sys.exit("no CUDA device: full sizes need a GPU (use --dry-run on the CPU)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+    device = script_device(args.dry_run, "--dry-run")  # before triton is imported below
     import triton
 
     import kvtier.ops.kv_transfer as kt

@@ -202,11 +202,7 @@ def build_conversations(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], voc
     if len(convs) < cfg.num_conversations:
         print(f"only {len(convs)} ShareGPT conversations have {cfg.min_turns or cfg.num_turns}+ turns and fit "
               f"{max_len} tokens")
-    top = max(max(t) for c in convs for t in c.user_turns)
-    if top >= vocab_size:
-        raise ValueError(f"the tokenizer's ids (up to {top}) exceed the model's vocabulary of {vocab_size}; "
-                         "use --dataset random or a matching --tokenizer")
-    return convs
+    return _check_vocab(convs, vocab_size, "the tokenizer's ids", "use --dataset random or a matching --tokenizer")
 
 
 def save_conversations(conversations: list[Conversation], path: str) -> None:
@@ -221,10 +217,14 @@ def load_conversations(path: str, num: int, max_len: int, vocab_size: int) -> li
     fits = [c for c in convs if c.num_tokens <= max_len][:num]
     if not fits:
         raise ValueError(f"no conversation in {path} fits {max_len} tokens")
-    top = max(max(t) for c in fits for t in c.user_turns)
+    return _check_vocab(fits, vocab_size, f"{path}'s token ids", "save them with this model's tokenizer")
+
+
+def _check_vocab(convs: list[Conversation], vocab_size: int, what: str, fix: str) -> list[Conversation]:
+    top = max(max(t) for c in convs for t in c.user_turns)
     if top >= vocab_size:
-        raise ValueError(f"{path} holds token ids up to {top}, beyond the model's vocabulary of {vocab_size}")
-    return fits
+        raise ValueError(f"{what} (up to {top}) exceed the model's vocabulary of {vocab_size}; {fix}")
+    return convs
 
 
 def benchmark_tokenizer(engine_kwargs: dict[str, Any]):

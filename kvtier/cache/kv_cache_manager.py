@@ -124,11 +124,12 @@ class KVCacheManager:
         new = hit.gpu + new
         self.req_blocks.setdefault(request.request_id, []).extend(new)
         self.req_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new)
-        self._count_hit(request, hit)
+        self._settle_hit(request, hit)
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
-    def _count_hit(self, request: Request, hit: PrefixHit) -> None:
+    def _settle_hit(self, request: Request, hit: PrefixHit) -> None:
+        """A resumed swap releases the request's own CPU blocks; a first admission is counted."""
         if hit.swapped:
             cpu_blocks, _ = self.swapped.pop(request.request_id)
             self.cpu_pool.free(reversed(cpu_blocks))  # loads hold their own references

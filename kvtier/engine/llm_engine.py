@@ -17,7 +17,7 @@ from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineCo
 from kvtier.engine.detokenizer import IncrementalDetokenizer
 from kvtier.engine.host_kv_pool import HostKVPool
 from kvtier.engine.model_runner import ModelRunner, allocate_kv_cache, kv_block_bytes
-from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine
+from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine, transfer_stats
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
@@ -280,9 +280,7 @@ class LLMEngine:
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
-        if self.runner.transfers is not None:
-            for step_id in self.runner.transfers.poll():
-                self.kv_cache.complete_transfers(step_id)
+        self._settle_transfers()
         updated = self.scheduler.update_from_output(plan, result)
         touched = self._apply_tokens(updated, result.sampled)
         outputs = []
@@ -299,6 +297,13 @@ class LLMEngine:
         if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
             self._log_stats()
         return outputs
+
+    def _settle_transfers(self, wait: bool = False) -> None:
+        """Release what the completed steps' copies protected (wait: for all of them first)."""
+        transfers = self.runner.transfers
+        if transfers is not None:
+            for step_id in transfers.synchronize() if wait else transfers.poll():
+                self.kv_cache.complete_transfers(step_id)
 
     def _log_stats(self) -> None:
         """vLLM-style periodic line: queue, KV usage and prefix hits per tier, bytes moved."""
@@ -360,9 +365,7 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         """Block accounting of both tiers (waits for in-flight copies so that it is settled)."""
-        if self.runner.transfers is not None:
-            for step_id in self.runner.transfers.synchronize():
-                self.kv_cache.complete_transfers(step_id)
+        self._settle_transfers(wait=True)
         self.kv_cache.check_integrity()
 
     def num_held_blocks(self) -> int:
@@ -375,9 +378,7 @@ class LLMEngine:
                "num_preemptions_total": sched.num_preemptions,
                "prefix_query_tokens_total": kv.prefix_queries}
         out.update(kv.tier_stats())
-        if self.runner.transfers is not None:
-            out.update(self.runner.transfers.stats())
-        else:
-            out.update(bytes_to_cpu_total=0, bytes_to_gpu_total=0, transfer_seconds_to_cpu_total=0.0,
-                       transfer_seconds_to_gpu_total=0.0)
+        transfers = self.runner.transfers
+        out.update(transfers.stats() if transfers is not None
+                   else transfer_stats({"to_cpu": 0, "to_gpu": 0}, {"to_cpu": 0.0, "to_gpu": 0.0}))
         return out

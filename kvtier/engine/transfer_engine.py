@@ -75,7 +75,11 @@ class TransferEngine:
     # -- issuing --------------------------------------------------------------------------------
 
     def before_forward(self, plan: KVTransfers) -> None:
-        """Stores, then loads; the compute stream waits for them before the forward."""
+        """Stores, then loads; the compute stream waits for them before the forward.
+
+        A step that moves nothing costs nothing here (most decode steps)."""
+        if plan.is_empty:
+            return
         loads = [(g, c) for c, g in plan.loads]
         if not self.on_gpu:
             self._copy_now("to_cpu", plan.stores)
@@ -99,6 +103,8 @@ class TransferEngine:
 
     def after_forward(self, plan: KVTransfers) -> None:
         """Write-through stores of blocks the forward just filled; nothing waits for them."""
+        if plan.is_empty:
+            return
         if not self.on_gpu:
             self._copy_now("to_cpu", plan.stores_after)
             self._completed.append(plan.step_id)
@@ -169,9 +175,13 @@ class TransferEngine:
         return self.poll()
 
     def stats(self) -> dict[str, float]:
-        return {"bytes_to_cpu_total": self.bytes["to_cpu"], "bytes_to_gpu_total": self.bytes["to_gpu"],
-                "transfer_seconds_to_cpu_total": self.seconds["to_cpu"],
-                "transfer_seconds_to_gpu_total": self.seconds["to_gpu"]}
+        return transfer_stats(self.bytes, self.seconds)
+
+
+def transfer_stats(num_bytes: dict[str, int], seconds: dict[str, float]) -> dict[str, float]:
+    """The stats() keys of the transfers (also those of an engine without a CPU tier: zeros)."""
+    return {"bytes_to_cpu_total": num_bytes["to_cpu"], "bytes_to_gpu_total": num_bytes["to_gpu"],
+            "transfer_seconds_to_cpu_total": seconds["to_cpu"], "transfer_seconds_to_gpu_total": seconds["to_gpu"]}
 
 
 def _runs(cpu_ids: list[int], chunk: int) -> list[tuple[int, int, int]]:

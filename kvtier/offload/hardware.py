@@ -54,12 +54,14 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters:
     return best
 
 
-def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 25) -> float:
-    """Pinned host-to-device copy rate in bytes/s; on a CPU-only machine, the memcpy rate (there
-    the "GPU tier" is ordinary memory and a transfer is a copy)."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 25, to_device: bool = True,
+                        iters: int = 5) -> float:
+    """Pinned host-to-device (or device-to-host) copy rate in bytes/s; on a CPU-only machine, the
+    memcpy rate (there the "GPU tier" is ordinary memory and a transfer is a copy)."""
+    host = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
     if device.type == "cuda":
-        src = src.pin_memory()
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    ms = _time_ms(lambda: dst.copy_(src, non_blocking=True), device, iters=5, warmup=2)
+        host = host.pin_memory()
+    dev = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    src, dst = (host, dev) if to_device else (dev, host)
+    ms = _time_ms(lambda: dst.copy_(src, non_blocking=True), device, iters=iters, warmup=2)
     return nbytes / (ms / 1e3)

@@ -53,12 +53,6 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU-only install: copy_blocks_ref serves every call
-    triton = None
-
 # Tuning constants, timed on an H100 80GB HBM3 (PCIe link, torch 2.11, Triton 3.6) with
 # benchmarks/transfer_gpu.py, 512 MiB of scattered Llama-3-8B blocks, five runs: 8 programs are
 # the fewest at the full rate (16-64 are no faster), and 32 KiB chunks keep them there (reload
@@ -88,33 +82,23 @@ _BACKENDS = (None, "triton", "torch")
 #
 #   program i of P copies rows i, i + P, i + 2P, ...; each row in CHUNK-element pieces.
 
-if triton is not None:
-    @triton.jit
-    def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
-                            num_rows, num_layers, num_kv, row_elems,
-                            s_block, s_layer, s_kv, d_block, d_layer, d_kv,
-                            CHUNK: tl.constexpr, EVEN: tl.constexpr):
-        rows_per_pair = num_layers * num_kv
-        offs = tl.arange(0, CHUNK)
-        for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-            pair = row // rows_per_pair
-            layer = ((row // num_kv) % num_layers).to(tl.int64)
-            kv = (row % num_kv).to(tl.int64)
-            src_id = tl.load(src_ids_ptr + pair).to(tl.int64)
-            dst_id = tl.load(dst_ids_ptr + pair).to(tl.int64)
-            src_row = src_ptr + (src_id * s_block + layer * s_layer + kv * s_kv)
-            dst_row = dst_ptr + (dst_id * d_block + layer * d_layer + kv * d_kv)
-            for start in range(0, row_elems, CHUNK):
-                if EVEN:
-                    tl.store(dst_row + start + offs, tl.load(src_row + start + offs))
-                else:
-                    mask = start + offs < row_elems
-                    tl.store(dst_row + start + offs, tl.load(src_row + start + offs, mask=mask),
-                             mask=mask)
+# The kernel lives in kvtier/ops/_kv_transfer_kernel.py, imported on first launch: importing
+# kvtier must not import Triton (TRITON_INTERPRET is read when Triton is imported).
 
-    _INTERPRETED = not isinstance(_copy_blocks_kernel, triton.runtime.JITFunction)
-else:
-    _INTERPRETED = False
+
+def __getattr__(name: str):
+    if name == "_INTERPRETED":  # whether the kernel runs in Triton's interpreter (tests, CPU)
+        return _kernel_module().INTERPRETED
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _kernel_module():
+    """kvtier.ops._kv_transfer_kernel, or None without Triton."""
+    try:
+        from kvtier.ops import _kv_transfer_kernel
+    except ImportError:  # a CPU-only install: copy_blocks_ref serves every call
+        return None
+    return _kv_transfer_kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +155,9 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids
     src_raw, dst_raw = src.view(raw), dst.view(raw)  # same bytes, wider elements
     _, num_layers, num_kv, row_elems = src_raw.shape
     num_rows = src_ids.numel() * num_layers * num_kv
-    chunk = min(max(chunk_bytes // raw.itemsize, 1), triton.next_power_of_2(row_elems))
-    _copy_blocks_kernel[(min(num_programs, num_rows),)](
+    kernel = _kernel_module()
+    chunk = min(max(chunk_bytes // raw.itemsize, 1), kernel.next_power_of_2(row_elems))
+    kernel._copy_blocks_kernel[(min(num_programs, num_rows),)](
         src_raw, dst_raw, src_ids, dst_ids, num_rows, num_layers, num_kv, row_elems,
         *src_raw.stride()[:3], *dst_raw.stride()[:3],
         CHUNK=chunk, EVEN=row_elems % chunk == 0, num_warps=COPY_NUM_WARPS)
@@ -239,14 +224,15 @@ def _check_range(name: str, ids: torch.Tensor, num_blocks: int) -> None:
 
 
 def _check_kernel_args(src: torch.Tensor, dst: torch.Tensor, num_programs: int, chunk_bytes: int) -> None:
-    if triton is None:
+    if _kernel_module() is None:
         raise ValueError("backend 'triton' needs the triton package")
     if num_programs < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
     if chunk_bytes < 1 or chunk_bytes & (chunk_bytes - 1):
         raise ValueError(f"chunk_bytes must be a power of two, got {chunk_bytes}")
     on_cuda = src.device.type == "cuda" or dst.device.type == "cuda"
-    if not on_cuda and not _INTERPRETED:
+    interpreted = globals().get("_INTERPRETED", _kernel_module().INTERPRETED)  # tests may pin it
+    if not on_cuda and not interpreted:
         raise ValueError("the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run it on the CPU)")
     for name, x in (("src", src), ("dst", dst)):

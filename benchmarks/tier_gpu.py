@@ -3,7 +3,9 @@
   1. reload / store of scattered blocks through TransferEngine: GB/s vs the pinned copy rate, byte-exact
   2. a forward pass (prefill 1x2048, decode 64x2048 by CUDA graph) alone and with a 256-block
      reload or store running beside it on the copy streams: the pass's slowdown
-  3. time to first token of a request whose 4096-token prefix sits in the CPU tier vs recomputing it
+  3. time to first token of a request whose 4096-token prefix sits in the CPU tier vs recomputing it,
+     for both demotion policies, and with the forward waiting for the whole load before its first
+     layer instead of layer group by layer group
 
     python3 benchmarks/tier_gpu.py --out $OUT/tier.json        (GPU)
     python3 benchmarks/tier_gpu.py --dry-run --out /tmp/t.json  (CPU, tiny model, same code)
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.engine import host_kv_pool, transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
 from kvtier.offload.hardware import host_link_bandwidth  # noqa: E402
 from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
@@ -68,22 +71,25 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def transfer_rates(llm: LLM, num_blocks: int, reps: int) -> dict:
-    """256 scattered blocks each way through the engine's TransferEngine, timed on its streams."""
-    eng, dev = llm.engine.runner.transfers, llm.engine.device
-    ng, nc = eng.gpu_blocks.shape[0], eng.cpu_blocks.shape[0]
+def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: int) -> dict:
+    """num_blocks scattered blocks (random GPU and CPU ids) each way through a TransferEngine,
+    timed on its streams; issue_ms is the host's time to issue one direction's copies."""
+    dev = eng.device
+    ng, nc = eng.gpu_blocks.shape[0], eng.num_cpu_blocks
     g = torch.Generator().manual_seed(0)
     gpu_ids = torch.randperm(ng, generator=g)[:num_blocks].tolist()
     cpu_ids = torch.randperm(nc, generator=g)[:num_blocks].tolist()
     pairs = list(zip(gpu_ids, cpu_ids))
-    out = {"blocks": num_blocks, "block_bytes": eng.block_bytes}
+    out = {"blocks": num_blocks, "block_bytes": eng.block_bytes, "layer_groups": len(eng.groups)}
     with torch.no_grad():
         eng.gpu_blocks[gpu_ids] = torch.randn(eng.gpu_blocks[gpu_ids].shape, device=dev).to(eng.gpu_blocks.dtype)
     for direction in ("to_cpu", "to_gpu"):
-        times = []
+        times, issue = [], []
         for _ in range(reps + 2):
             flight = _InFlight(-1, [])
+            t0 = time.perf_counter()
             eng._issue(direction, pairs, flight) if eng.on_gpu else eng._copy_now(direction, pairs)
+            issue.append((time.perf_counter() - t0) * 1e3)
             eng.synchronize()
             if eng.on_gpu:
                 _, start, end = flight.timed[0]
@@ -92,10 +98,30 @@ def transfer_rates(llm: LLM, num_blocks: int, reps: int) -> dict:
                 times.append(1.0)
         ms = statistics.median(times[2:])
         out[f"{direction}_ms"] = ms
+        out[f"{direction}_issue_ms"] = statistics.median(issue[2:])
         out[f"{direction}_GBps"] = num_blocks * eng.block_bytes / ms / 1e6
     # byte-exact: the blocks that went out and came back equal the GPU originals
-    back = eng.cpu_blocks[cpu_ids].to(dev)
+    back = torch.cat([cpu[cpu_ids] for _, cpu in eng.groups], dim=1).to(dev)  # (n, L, 2, row)
     out["exact"] = bool(torch.equal(back.view(torch.int16), eng.gpu_blocks[gpu_ids].reshape(back.shape).view(torch.int16)))
+    return out
+
+
+def transfer_rates_by_layer_groups(llm: LLM, num_blocks: int, reps: int) -> dict:
+    """The same through CPU pools cut into 1, 2 and 4 layer groups (fewer groups: larger DMA
+    copies when CPU blocks are scattered; more: finer layer-wise waiting)."""
+    cfg, eng = llm.engine.model_config, llm.engine.runner.transfers
+    out = {}
+    for groups in (1, 2, 4):
+        saved, host_kv_pool.LAYER_GROUPS = host_kv_pool.LAYER_GROUPS, groups
+        try:
+            pool = host_kv_pool.HostKVPool(2 * num_blocks, cfg.num_layers, llm.engine.config.block_size,
+                                           cfg.num_kv_heads, cfg.head_dim, llm.engine.dtype)
+        finally:
+            host_kv_pool.LAYER_GROUPS = saved
+        te = transfer_engine.TransferEngine(eng.gpu_kv, pool.kv, eng.block_bytes, pool.blocks_per_chunk)
+        out[str(len(te.groups))] = transfer_rates(te, num_blocks, reps)
+        del te
+        pool.close()
     return out
 
 
@@ -122,7 +148,7 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
     """Each pass alone, then with a reload / store of num_blocks issued just before it on the copy
     streams (the pass does not wait for it): slowdown of the pass and the copy's own rate."""
     eng, clock = llm.engine.runner.transfers, Clock(llm.engine.device)
-    ng, nc = eng.gpu_blocks.shape[0], eng.cpu_blocks.shape[0]
+    ng, nc = eng.gpu_blocks.shape[0], eng.num_cpu_blocks
     gpu_ids = list(range(first_free_block, min(ng, first_free_block + num_blocks)))
     pairs = list(zip(gpu_ids, torch.randperm(nc)[:len(gpu_ids)].tolist()))
     out = {}
@@ -173,14 +199,35 @@ def ttft(llm: LLM, prefix_len: int, tail: int, reps: int, evictors: int) -> dict
         for _ in range(evictors):  # push the prompt's blocks out of the GPU pool (demoted to CPU)
             llm.generate([fresh(prefix_len + tail)], one, use_tqdm=False)
         again = prompt[:prefix_len] + fresh(tail)
-        hit = llm.generate([again], one, use_tqdm=False)[0].metrics
+        llm.engine.step_log, gc_pauses = [], []  # where a slow hit's time went: steps, collections
+        hit = _with_gc_pauses(gc_pauses, lambda: llm.generate([again], one, use_tqdm=False)[0].metrics)
+        steps, llm.engine.step_log = llm.engine.step_log, None
         if rep:
             runs.append({"recompute_ttft_s": recompute.ttft_s, "cpu_hit_ttft_s": hit.ttft_s,
-                         "cached_by_tier": hit.num_cached_tokens_by_tier})
+                         "cached_by_tier": hit.num_cached_tokens_by_tier,
+                         "queued_s": hit.first_scheduled_time - hit.arrival_time,
+                         "steps": [{"tokens": r.num_tokens, "ms": r.seconds * 1e3} for r in steps],
+                         "gc_ms": [t * 1e3 for t in gc_pauses]})
     rec = statistics.median(r["recompute_ttft_s"] for r in runs)
     hit = statistics.median(r["cpu_hit_ttft_s"] for r in runs)
     return {"prefix_len": prefix_len, "tail": tail, "runs": runs, "recompute_ttft_s": rec,
             "cpu_hit_ttft_s": hit, "speedup": rec / hit}
+
+
+def _with_gc_pauses(pauses: list[float], fn):
+    """fn(), appending the seconds of each garbage collection that ran inside it to pauses."""
+    started = []
+
+    def callback(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append(time.perf_counter() - started.pop())
+    gc.callbacks.append(callback)
+    try:
+        return fn()
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def main() -> None:
@@ -192,7 +239,7 @@ def main() -> None:
         model, dev, ctx, batch, blocks, prefix, reps = "tiny-llama", "cpu", 64, 4, 8, 48, 2
         gpu_blocks, cpu_gib = 64, 0.01
     else:
-        model, dev, ctx, batch, blocks, prefix, reps = "llama3-8b", "cuda", 2048, 64, 256, 4096, 5
+        model, dev, ctx, batch, blocks, prefix, reps = "llama3-8b", "cuda", 2048, 64, 256, 4096, 9
         gpu_blocks, cpu_gib = 8704, 8.0
     llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=gpu_blocks,
               kv_offloading_size=cpu_gib, max_num_seqs=batch, max_model_len=max(ctx + 64, prefix + 64),
@@ -204,7 +251,8 @@ def main() -> None:
               "gpu_blocks": gpu_blocks, "cpu_blocks": llm.engine.host_pool.num_blocks,
               "command": "python3 benchmarks/tier_gpu.py " + " ".join(sys.argv[1:])}
     result.update(pinned_rate(device))
-    result["transfer"] = transfer_rates(llm, blocks, reps)
+    result["transfer"] = transfer_rates(llm.engine.runner.transfers, blocks, reps)
+    result["transfer_by_layer_groups"] = transfer_rates_by_layer_groups(llm, blocks, reps)
     fns, used = forward_fns(llm, batch, ctx)
     result["overlap"] = {"batch": batch, "context": ctx, "blocks": blocks,
                          **overlap(llm, fns, used, blocks, reps)}
@@ -215,30 +263,37 @@ def main() -> None:
     release(device)
     pool = int(2.5 * (prefix + 16) / 16)
     result["ttft"] = {}
-    for policy in ("write-back", "write-through"):
+    layerwise = transfer_engine.LayerReady.__call__
+    for name, policy, per_layer in (("write-back", "write-back", True), ("write-through", "write-through", True),
+                                    ("write-through, whole load first", "write-through", False)):
+        # the last: the forward waits for the whole load before its first layer (no layer-wise overlap)
+        transfer_engine.LayerReady.__call__ = layerwise if per_layer else lambda ready, layer: ready.wait_all()
         llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=pool, kv_offloading_size=cpu_gib,
                   kv_offloading_policy=policy, max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64,
                   max_num_seqs=8, skip_tokenizer_init=True)
-        result["ttft"][policy] = ttft(llm, prefix, 16, reps, evictors=3)
+        result["ttft"][name] = ttft(llm, prefix, 16, reps, evictors=3)
         llm = None
         release(device)
+    transfer_engine.LayerReady.__call__ = layerwise
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     t, o = result["transfer"], result["overlap"]
-    print(f"\n{'what':<44}{'value':>12}")
+    print(f"\n{'what':<56}{'value':>12}")
     for k in ("pinned_h2d_GBps", "pinned_d2h_GBps"):
         if k in result:
-            print(f"{k:<44}{result[k]:>12.1f}")
-    print(f"{'reload (to_gpu) GB/s, 256 scattered blocks':<44}{t['to_gpu_GBps']:>12.1f}")
-    print(f"{'store (to_cpu) GB/s':<44}{t['to_cpu_GBps']:>12.1f}")
-    print(f"{'byte-exact':<44}{str(t['exact']):>12}")
+            print(f"{k:<56}{result[k]:>12.1f}")
+    print(f"{'reload (to_gpu) GB/s, 256 scattered blocks':<56}{t['to_gpu_GBps']:>12.1f}")
+    print(f"{'store (to_cpu) GB/s':<56}{t['to_cpu_GBps']:>12.1f}")
+    print(f"{'byte-exact':<56}{str(t['exact']):>12}")
+    for groups, r in result["transfer_by_layer_groups"].items():
+        print(f"{groups + ' layer groups: reload / store GB/s':<56}{r['to_gpu_GBps']:>6.1f}{r['to_cpu_GBps']:>6.1f}")
     for name in fns_names(o):
         for d in ("to_gpu", "to_cpu"):
-            print(f"{name + ' slowdown with ' + d:<44}{o[f'{name}_with_{d}_slowdown']:>12.3f}")
+            print(f"{name + ' slowdown with ' + d:<56}{o[f'{name}_with_{d}_slowdown']:>12.3f}")
     for policy, tt in result["ttft"].items():
-        print(f"{'TTFT recompute ' + str(prefix) + ' (s), ' + policy:<44}{tt['recompute_ttft_s']:>12.4f}")
-        print(f"{'TTFT prefix in CPU tier (s), ' + policy:<44}{tt['cpu_hit_ttft_s']:>12.4f}")
-        print(f"{'TTFT speedup, ' + policy:<44}{tt['speedup']:>12.2f}")
+        print(f"{'TTFT recompute ' + str(prefix) + ' (s), ' + policy:<56}{tt['recompute_ttft_s']:>12.4f}")
+        print(f"{'TTFT prefix in CPU tier (s), ' + policy:<56}{tt['cpu_hit_ttft_s']:>12.4f}")
+        print(f"{'TTFT speedup, ' + policy:<56}{tt['speedup']:>12.2f}")
 
 
 def fns_names(o: dict) -> list[str]:

@@ -16,6 +16,10 @@ time to first token is first_token_time - submit time (both `time.time()`, as in
 The settings run in the order --cpu-tier gives (default: off, then on), each on a fresh engine with
 the same options but kv_offloading_size, each after a rehearsal on a throwaway engine (see
 _warm_up), over the same conversations and the same seeded think times.
+
+A step that stalls delays every request in flight, so each run also reports its slowest steps with
+what they held (sequences, prefill and decode tokens, blocks moved, Triton compiles), the Triton
+compiles of the timed run, and the time spent in steps over STALL_S (`stall_stats`).
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ from tqdm.auto import tqdm
 from kvtier.benchmarks.datasets import random_requests, read_sharegpt
 from kvtier.benchmarks.throughput import device_info
 from kvtier.config import GiB, EngineConfig
-from kvtier.engine.llm_engine import LLMEngine, resolve_device_dtype
+from kvtier.engine.llm_engine import LLMEngine, StepRecord, resolve_device_dtype
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import load_tokenizer, model_config, resolve_model
+from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import RequestMetrics, RequestOutput
 from kvtier.sampling_params import SamplingParams
 
 TIERS = ("gpu", "cpu")
+NUM_SLOW_STEPS = 10  # slowest steps reported per run
+STALL_S = 0.5  # a step longer than this is a stall (a decode step takes milliseconds)
 _SETTINGS = {"on": True, "off": False}
 
 
@@ -358,11 +365,17 @@ def run_setting(engine_kwargs: dict[str, Any], conversations: list[Conversation]
     kwargs = {**engine_kwargs, "kv_offloading_size": cpu_gib if cpu_tier else 0.0}
     _warm_up(kwargs, conversations, cfg)
     llm = LLM(**kwargs)
-    driver = ConversationDriver(llm.engine, conversations, cfg.num_active,
+    engine = llm.engine
+    driver = ConversationDriver(engine, conversations, cfg.num_active,
                                 think_times(conversations, cfg.think_time, kwargs["seed"]))
-    before = llm.engine.stats()
+    before, compiled_before = engine.stats(), num_compiled_variants()
+    # The step log syncs the compute stream once a step (sampling already waited for it): on an H100
+    # with llama3-1b and the CPU tier, TTFT and duration stayed within run-to-run noise.
+    engine.step_log = []
     duration = driver.run(f"cpu tier {'on' if cpu_tier else 'off'}", progress)
-    run = summarize(cpu_tier, driver, duration, before, llm.engine.stats())
+    steps, engine.step_log = engine.step_log, None
+    run = summarize(cpu_tier, driver, duration, before, engine.stats())
+    run.update(stall_stats(steps, compiled_before, num_compiled_variants(), driver.t0))
     run.update(device_info(llm), engine_config=kwargs)
     del llm, driver
     _release_memory()
@@ -376,7 +389,10 @@ def _warm_up(engine_kwargs: dict[str, Any], conversations: list[Conversation], c
     sizes, and compiles each new variant for about a second; that must happen here (it keeps them
     for the process), not in the timed run. The timed engine starts with an empty prefix cache.
     (On an H100 with llama3-1b, 24 conversations: 12 compiles here, none left for the timed run;
-    a warm-up of one short batch left 5, which made the first setting's mean TTFT 10x worse.)"""
+    a warm-up of one short batch left 5, which made the first setting's mean TTFT 10x worse.)
+    Once the engine precompiles its kernels at start-up (kvtier.ops.triton_attention.precompile,
+    fused.precompile), none is left to rehearse but the CPU tier's copy kernel; each run's
+    `num_compiles` says whether a timed run compiled anything."""
     num = len(conversations) if cfg.warmup_conversations is None else cfg.warmup_conversations
     if num == 0:
         return
@@ -403,6 +419,48 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def stall_stats(steps: list[StepRecord], compiled_before: int | None, compiled_after: int | None,
+                t0: float) -> dict[str, Any]:
+    """The run's NUM_SLOW_STEPS slowest steps, slowest first, with their composition; the Triton
+    compiles of the run (None when unknown, e.g. interpreted); seconds spent in steps over STALL_S."""
+    compiles = _compiles_per_step(steps, compiled_before)
+    slowest = sorted(range(len(steps)), key=lambda i: steps[i].seconds, reverse=True)[:NUM_SLOW_STEPS]
+    stalls = [s.seconds for s in steps if s.seconds > STALL_S]
+    return {"slow_steps": [_slow_step(steps[i], compiles[i], t0) for i in slowest],
+            "num_compiles": None if None in (compiled_before, compiled_after) else compiled_after - compiled_before,
+            "stall_seconds": sum(stalls), "num_stall_steps": len(stalls)}
+
+
+def _compiles_per_step(steps: list[StepRecord], compiled_before: int | None) -> list[int | None]:
+    out, prev = [], compiled_before
+    for s in steps:
+        out.append(None if prev is None or s.compiled_variants is None else s.compiled_variants - prev)
+        prev = s.compiled_variants
+    return out
+
+
+def _slow_step(step: StepRecord, num_compiles: int | None, t0: float) -> dict[str, Any]:
+    return {"start_s": step.end_time - step.seconds - t0, "seconds": step.seconds, "num_seqs": step.num_seqs,
+            "num_prefill_tokens": step.num_prefill_tokens, "num_decode_tokens": step.num_decode_tokens,
+            "sum_seq_lens": step.sum_seq_lens, "num_blocks_loaded": step.num_blocks_loaded,
+            "num_blocks_stored": step.num_blocks_stored, "num_compiles": num_compiles}
+
+
+def stall_line(run: dict[str, Any]) -> str:
+    """One line per setting: compiles, stall time, and the slowest step's composition."""
+    n = run["num_compiles"]
+    line = (f"cpu tier {'on' if run['cpu_tier'] else 'off'}: "
+            f"{'unknown' if n is None else n} Triton compiles in the timed run, "
+            f"{run['stall_seconds']:.2f} s in {run['num_stall_steps']} steps over {STALL_S} s")
+    if run["slow_steps"]:
+        s = run["slow_steps"][0]
+        line += (f"; slowest step {s['seconds']:.3f} s at {s['start_s']:.1f} s: {s['num_seqs']} seqs, "
+                 f"{s['num_prefill_tokens']} prefill + {s['num_decode_tokens']} decode tokens, "
+                 f"{s['num_blocks_loaded']}/{s['num_blocks_stored']} blocks loaded/stored, "
+                 f"{'?' if s['num_compiles'] is None else s['num_compiles']} compiles")
+    return line
 
 
 def summarize(cpu_tier: bool, driver: ConversationDriver, duration: float, before: dict[str, Any],
@@ -459,6 +517,8 @@ def run_multiturn(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], progress:
     if cfg.plot:
         plot_runs(runs, cfg.plot)
     print_table(runs)
+    for run in runs:
+        print(stall_line(run))
     return result
 
 

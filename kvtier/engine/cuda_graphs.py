@@ -8,12 +8,19 @@ overhead. Inputs live in static buffers that each replay overwrites:
 
 Attention is captured with max_seq_len = max_model_len, so the decode kernel's grid (its context
 splits) is fixed; each program reads its sequence's true length from seq_lens.
+
+With the CPU tier, a step may have to wait for KV still being loaded, one layer group at a time
+(kvtier/engine/transfer_engine.py). A graph cannot wait in its middle for an event recorded
+outside it, so each batch size is captured as one graph per layer group ("segments", cut at the
+model's before_layer calls, sharing the pool: a segment's output is the next one's input), and
+the replay waits for group g's loads before segment g. Without the tier there is one segment.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,8 +37,9 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, kv_caches: list, max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, segment_starts: list[int] | None = None):
         self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.segment_starts = segment_starts or [0]  # first layer of each segment
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         n, max_blocks = self.sizes[-1], -(-max_model_len // block_size)
@@ -41,7 +49,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # size -> its segments
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -49,29 +57,51 @@ class DecodeGraphs:
         return AttentionMetadata(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
                                  self.query_start_loc[:size + 1], 1, self.max_model_len)
 
-    def _forward(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
+    def _forward(self, size: int, meta: AttentionMetadata | None = None) -> torch.Tensor:
+        meta = meta or self._meta(size)
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # (size, vocab) fp32
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest first, so smaller graphs reuse the pool's blocks."""
+        stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):
             for _ in range(2):  # compile kernels, settle the allocator
                 self._forward(size)
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[size] = self._forward(size)
-            self.pool = graph.pool()
-            self.graphs[size] = graph
-        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.sizes)
+            with torch.cuda.stream(stream):
+                self.logits[size], self.graphs[size] = self._capture_segments(size)
+            torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, %d segment(s) each)", len(self.graphs),
+                    self.sizes, len(self.segment_starts))
+
+    def _capture_segments(self, size: int) -> tuple[torch.Tensor, list[torch.CUDAGraph]]:
+        """One forward, its capture ended and restarted at each segment's first layer."""
+        segments = [torch.cuda.CUDAGraph()]
+
+        def cut(layer: int) -> None:
+            if layer in self.segment_starts[1:]:
+                segments[-1].capture_end()
+                segments.append(torch.cuda.CUDAGraph())
+                segments[-1].capture_begin(pool=self.pool)
+
+        meta = self._meta(size)
+        meta.layer_ready = cut
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        segments[0].capture_begin(pool=self.pool)
+        logits = self._forward(size, meta)
+        segments[-1].capture_end()
+        return logits, segments
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns logits (n, vocab)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            layer_ready: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Replay the smallest graph that fits, waiting before each segment for its layers' KV
+        (layer_ready, see AttentionMetadata); returns logits (n, vocab)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -82,5 +112,8 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        self.graphs[size].replay()
+        for first_layer, segment in zip(self.segment_starts, self.graphs[size]):
+            if layer_ready is not None:
+                layer_ready(first_layer)
+            segment.replay()
         return self.logits[size][:n]

@@ -16,11 +16,12 @@ from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineConfig
 from kvtier.engine.detokenizer import IncrementalDetokenizer
 from kvtier.engine.host_kv_pool import HostKVPool
-from kvtier.engine.model_runner import ModelRunner, allocate_kv_cache, kv_block_bytes
+from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY, ModelRunner, allocate_kv_cache, kv_block_bytes
 from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine, transfer_stats
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
+from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParams
@@ -41,6 +42,12 @@ class StepRecord:
     decode_only: bool
     sum_seq_lens: int  # context tokens whose K/V the step's attention reads
     seconds: float
+    end_time: float  # time.time() at the step's end: the clock of RequestMetrics
+    num_prefill_tokens: int  # tokens of requests still in their prompt (or recomputing)
+    num_decode_tokens: int  # one per request generating its next token
+    num_blocks_loaded: int  # CPU -> GPU
+    num_blocks_stored: int  # GPU -> CPU, before and after the forward
+    compiled_variants: int | None  # Triton kernel variants compiled in the process so far (None: interpreted)
 
 
 @dataclasses.dataclass
@@ -94,7 +101,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
                                   config.attention_backend, transfers)
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
-            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+            # short prefills over long contexts run as one decode per token, up to PER_TOKEN_MAX_QUERY
+            self.runner.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        self.host_pool.num_blocks if self.host_pool else 0,
                                        write_through=config.kv_offloading_policy == "write-through")
@@ -318,12 +326,19 @@ class LLMEngine:
         logger.info("kvtier: %s", line)
 
     def _record_step(self, plan, start: float) -> None:
+        # The step's own work only: a device-wide sync would also wait for the write-through copies
+        # that run beside later steps, and change what a benchmark with the CPU tier measures.
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+        seconds = time.perf_counter() - start
         seq_lens = [s.start_pos + len(s.token_ids) for s in plan.scheduled]
-        self.step_log.append(StepRecord(plan.num_batched_tokens, len(seq_lens),
-                                        plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
-                                        time.perf_counter() - start))
+        num_decode = sum(len(s.token_ids) == 1 and s.start_pos >= s.num_prompt_tokens for s in plan.scheduled)
+        moves = plan.transfers
+        self.step_log.append(StepRecord(
+            plan.num_batched_tokens, len(seq_lens), plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
+            seconds, time.time(), num_prefill_tokens=plan.num_batched_tokens - num_decode,
+            num_decode_tokens=num_decode, num_blocks_loaded=len(moves.loads),
+            num_blocks_stored=moves.num_blocks_to_cpu, compiled_variants=num_compiled_variants()))
 
     def _forget(self, group: _RequestGroup) -> None:
         for seq in group.seqs:

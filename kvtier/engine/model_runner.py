@@ -10,7 +10,7 @@ from torch import nn
 
 from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.sampler import Sampler
-from kvtier.engine.transfer_engine import TransferEngine
+from kvtier.engine.transfer_engine import LayerReady, TransferEngine
 from kvtier.models.layers import set_attention_backend
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import AttentionMetadata
@@ -72,6 +72,12 @@ class ModelRunner:
         self.block_size, self.device = block_size, device
         self.attention_backend = attention_backend or default_attention_backend(device)
         set_attention_backend(model, self.attention_backend)
+        if device.type == "cuda" and self.attention_backend == "triton":
+            # every Triton kernel variant a step can launch compiles now, not mid-serving
+            # (~1 s each; what makes a variant: the top of kvtier/ops/triton_attention.py)
+            from kvtier.ops import triton_attention
+            triton_attention.precompile(*self.kv_caches[0], cfg.num_heads)
+            model.precompile(kv.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
@@ -83,9 +89,13 @@ class ModelRunner:
         self.sampler.drop(plan.finished_request_ids)
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self._tables.pop(request_id, None)
-        if self.transfers is not None:
-            self.transfers.before_forward(plan.transfers)
-        out = RunnerOutput({}) if plan.is_empty else self._execute(plan)
+        # the step's inputs cross to the device before its loads: one copy engine serves a direction
+        # in order, so a small copy issued after 500 MiB of loads would wait for all of them
+        inputs = None if plan.is_empty else self.prepare_inputs(plan.scheduled)
+        ready = self.transfers.before_forward(plan.transfers) if self.transfers is not None else None
+        out = RunnerOutput({}) if inputs is None else self._execute(inputs, ready)
+        if ready is not None:
+            ready.wait_all()  # later work on this stream comes after every copy (the forward waited per layer)
         if self.transfers is not None:
             self.transfers.after_forward(plan.transfers)
         return out
@@ -93,12 +103,13 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         if self.device.type != "cuda" or self.attention_backend != "triton":
             raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
+        per_group = self.transfers.layers_per_group if self.transfers is not None else self.cfg.num_layers
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                   self.block_size, self.device)
+                                   self.block_size, self.device, list(range(0, self.cfg.num_layers, per_group)))
         self.graphs.capture()
 
-    def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        inputs = self.prepare_inputs(plan.scheduled)
+    def _execute(self, inputs: ModelInputs, ready: LayerReady | None) -> RunnerOutput:
+        inputs.meta.layer_ready = ready
         self.num_computed_tokens += inputs.input_ids.shape[0]
         logits = self._logits(inputs)
         if logits is None:
@@ -107,11 +118,15 @@ class ModelRunner:
         return RunnerOutput({item.request_id: s for item, s in zip(inputs.sample_items, sampled)})
 
     def _logits(self, inputs: ModelInputs) -> torch.Tensor | None:
-        """(S, vocab) fp32 for the sequences that sample; decode steps replay a CUDA graph."""
+        """(S, vocab) fp32 for the sequences that sample. Decode steps, and short prefills seen as
+        per-token decodes, replay a CUDA graph."""
         meta = inputs.meta
-        if (self.graphs is not None and meta.is_decode_only and self.graphs.can_run(meta.num_seqs)
-                and len(inputs.sample_items) == meta.num_seqs):
-            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        decode = meta if meta.is_decode_only else meta.per_token
+        if self.graphs is not None and decode is not None and self.graphs.can_run(decode.num_seqs):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, decode, meta.layer_ready)
+            if len(inputs.sample_items) == decode.num_seqs:  # every row samples (decodes)
+                return logits
+            return logits[inputs.logits_indices] if inputs.sample_items else None
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # (T, h)
         if not inputs.sample_items:
             return None

@@ -83,7 +83,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # (T, h)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            meta.before_layer(i)
             x, residual = layer(positions, x, residual, kv_cache, meta)
         return self.norm(x, residual)[0]
 
@@ -113,6 +114,11 @@ class LlamaForCausalLM(nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Compile the fused kernels' variants before serving (kvtier/ops/fused.py)."""
+        c = self.config
+        fused.precompile(c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, dtype, device)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, h) -> (N, vocab) fp32"""

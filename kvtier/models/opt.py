@@ -73,7 +73,8 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET)  # (T, h)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            meta.before_layer(i)
             x = layer(x, kv_cache, meta)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
@@ -104,6 +105,9 @@ class OPTForCausalLM(nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
+
+    def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
+        """OPT runs no fused kernels (LayerNorm, learned positions, ReLU are torch's)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, proj) -> (N, vocab) fp32"""

@@ -1,4 +1,10 @@
-"""Triton kernels behind kvtier.ops.fused (see there); imported only when a kernel runs."""
+"""Triton kernels behind kvtier.ops.fused (see there); imported only when a kernel runs.
+
+Specialization follows the rule at the top of kvtier/ops/triton_attention.py: every int here is
+model-constant (hidden sizes, head counts, row strides), the only per-step pointer is the rotary
+kernel's positions (a view at any 8-byte offset of the runner's metadata buffer), so each kernel
+has one variant per model (rmsnorm two: with and without a residual).
+"""
 
 import triton
 import triton.language as tl
@@ -44,7 +50,7 @@ def _rotate_heads(ptr, stride_h, num_heads, cos, sin, HALF: tl.constexpr, HEADS_
     tl.store(ptr + offs + HALF, (x2 * c + x1 * s).to(dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_ptr"])
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    num_q_heads, num_k_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
     """One program per token: all heads of q and k rotated in place."""

@@ -7,7 +7,10 @@ import triton.language as tl
 
 next_power_of_2 = triton.next_power_of_2
 
-@triton.jit
+# Per-call ints and the id tensors (views at any offset) are not specialized on: see the top of
+# kvtier/ops/triton_attention.py. The row layout (num_layers, num_kv, row_elems, strides) is fixed
+# per cache, so one variant serves each direction's views.
+@triton.jit(do_not_specialize=["src_ids_ptr", "dst_ids_ptr", "num_rows"])
 def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
                         num_rows, num_layers, num_kv, row_elems,
                         s_block, s_layer, s_kv, d_block, d_layer, d_kv,

@@ -20,6 +20,7 @@ This module imports nothing from kvtier.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -39,6 +40,13 @@ class AttentionMetadata:
     # contexts, which a decode kernel splits along the context; a prefill kernel, parallel only
     # over queries and heads, would leave most of the GPU idle.
     per_token: "AttentionMetadata | None" = None
+    # Called with a layer's index before the layer runs; the CPU tier's loads make the compute
+    # stream wait there for that layer's KV, so early layers run while later ones still load.
+    layer_ready: Callable[[int], None] | None = None
+
+    def before_layer(self, layer: int) -> None:
+        if self.layer_ready is not None:
+            self.layer_ready(layer)
 
     @property
     def num_seqs(self) -> int:

@@ -103,3 +103,23 @@ def silu_and_mul(x: torch.Tensor, use_triton: bool | None = None) -> torch.Tenso
     _silu_mul_kernel[(x.shape[0], -(-n // SILU_BLOCK))](x, out, n, x.stride(0), out.stride(0),
                                                                BLOCK=SILU_BLOCK)
     return out
+
+
+def precompile(hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the kernels of a Llama-family layer before serving: one variant each, rmsnorm two
+    (with and without a residual). Their keys hold only model-constant sizes, so one-row inputs
+    laid out like the model's (q and k as views of one qkv row) key like any step. No-op off CUDA."""
+    if device.type != "cuda":
+        return
+    like = dict(dtype=dtype, device=device)
+    x, weight = torch.zeros(1, hidden_size, **like), torch.ones(hidden_size, **like)
+    rmsnorm(x, weight, 1e-6)
+    rmsnorm(x, weight, 1e-6, residual=x)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.zeros(1, q_size + 2 * kv_size, **like)
+    q = qkv[:, :q_size].view(1, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(1, num_kv_heads, head_dim)
+    cos_sin = torch.zeros(1, head_dim, dtype=torch.float32, device=device)
+    rotary(q, k, torch.zeros(1, dtype=torch.int64, device=device), cos_sin)
+    silu_and_mul(torch.zeros(1, 2 * intermediate_size, **like))

@@ -20,6 +20,30 @@ and any block size works. Scores, softmax statistics and the output accumulator 
 To run on CPU tensors, set TRITON_INTERPRET=1 before anything imports triton: Triton reads it in
 each `@triton.jit` decorator, including those of its own tl.sum/tl.max, at import time.
 
+Compiled variants. A launch finds its compiled kernel by a key (Triton 3.6 and 3.9 alike:
+`create_function_from_signature` in triton/runtime/jit.py, `native_specialize_impl` in libtriton)
+made of the launch options (num_warps, num_stages), the value of every tl.constexpr, the type of
+every other argument (pointer dtype; int -> i32/i64/u64 by range; float -> fp32; bool -> u1), and,
+unless the argument is in `do_not_specialize`:
+
+    int      == 1 (compiled in as a constant), else whether it is a multiple of 16
+    tensor   whether data_ptr() is a multiple of 16 bytes
+
+(`do_not_specialize_on_alignment` drops only the multiple-of-16 part; floats and bools are never
+specialized.) A key new to the process compiles a variant: ~1-1.5 s on an H100, a stall for every
+request in flight when it happens mid-serving. The rule here:
+
+  - every int or pointer that can change from one engine step to the next is in
+    `do_not_specialize`: lengths, counts, the window, the split count, the block-table row stride,
+    and the metadata tensors (the model runner passes them as views at any 8-byte offset of one
+    int64 buffer);
+  - model-constant ints stay specialized: head counts, cache strides, and the token/head strides of
+    q, k, v and out, which are multiples of head_dim (a power of two >= 16) in every layout;
+  - every constexpr takes a bounded set of values for a given cache; `precompile` launches them all:
+    write_kv 1, prefill 4 (BLOCK_M 16/32/64/128), decode 2 (one split or several) + its reduce 1.
+    The metadata's index dtype is part of the key too: the runner's int64 tensors and the CUDA
+    graphs' int32 buffers give the decode kernel a second set (compiled at graph capture).
+
 This module imports nothing from kvtier beyond the metadata type in `kvtier.ops.attention`.
 """
 
@@ -40,13 +64,13 @@ from kvtier.ops.attention import AttentionMetadata
 # an SM, hence DECODE_PROGRAMS_PER_SM), prefill ~202 registers x 8 warps and 96 KB. Time them with
 # benchmarks/kernels_gpu.py (--sweep-splits for the split heuristic) and record the GPU here.
 H100_NUM_SMS = 132  # used when there is no CUDA device to ask (interpreter on CPU)
-DECODE_BLOCK_N = 64  # keys per tile in the decode kernel
+DECODE_BLOCK_N = 64  # keys per tile in the decode kernel (also for short contexts: one variant)
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 DECODE_PROGRAMS_PER_SM = 4  # split until batch x kv_heads x splits reaches this many per SM
 DECODE_MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial store) dominates
 DECODE_MAX_SPLITS = 64
-PREFILL_BLOCK_M = 128  # queries per program (fewer when max_query_len is smaller)
+PREFILL_BLOCK_M = 128  # queries per program (16, 32 or 64 when max_query_len is smaller)
 PREFILL_BLOCK_N = 64  # keys per tile
 PREFILL_NUM_STAGES = 2
 
@@ -62,7 +86,7 @@ _MAX_HEAD_DIM = 128  # 256 would need smaller prefill tiles to stay in registers
 # write_kv
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_ptr"])
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
@@ -138,10 +162,9 @@ def _online_softmax(s, v, acc, m_i, l_i, FP32_DOT: tl.constexpr):
     return acc, m_new, l_i
 
 
-# Integers that change from step to step (the block-table width, the split count) are not
-# specialized on: each new divisibility class would compile a variant (~1.5 s on an H100) in the
-# middle of serving.
-@triton.jit(do_not_specialize=["window", "num_splits", "stride_bt"])
+# Per-step ints and metadata pointers are not specialized on (see the top of this module).
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "window", "num_splits",
+                               "stride_qb", "stride_ob", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                          qk_scale, window, num_splits,
@@ -250,26 +273,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = num_decode_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device))
     elif not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    split_len, block_n = _split_len(meta.max_seq_len, num_splits)
-    num_splits = max(1, -(-meta.max_seq_len // split_len))  # rounding up may leave fewer
+    num_splits = _effective_splits(meta.max_seq_len, num_splits)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, block_n,
-                   num_splits)
+    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, num_splits)
     return out
 
 
-def _split_len(max_seq_len: int, num_splits: int) -> tuple[int, int]:
-    """Keys per split, rounded up to the tile size; the tile shrinks (>= 16) for short contexts."""
+def _effective_splits(max_seq_len: int, num_splits: int) -> int:
+    """Splits left once each is rounded up to whole DECODE_BLOCK_N tiles (rounding may leave fewer).
+
+    The tile stays DECODE_BLOCK_N even for contexts shorter than it: masked keys cost a few idle
+    lanes, while a tile shrunk to the context would be a compiled variant per size."""
     per_split = -(-max(max_seq_len, 1) // num_splits)
-    block_n = min(DECODE_BLOCK_N, max(_MIN_DOT, triton.next_power_of_2(per_split)))
-    return -(-per_split // block_n) * block_n, block_n
+    split_len = -(-per_split // DECODE_BLOCK_N) * DECODE_BLOCK_N
+    return max(1, -(-max_seq_len // split_len))
 
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    meta: AttentionMetadata, scale: float, sliding_window: int | None,
-                   out: torch.Tensor, block_n: int, num_splits: int) -> None:
+                   out: torch.Tensor, num_splits: int) -> None:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -284,12 +308,17 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, DIRECT_OUT=direct,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=DECODE_BLOCK_N, DIRECT_OUT=direct,
         FP32_DOT=_fp32_dot(q.dtype), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+            SPLITS_PAD=_splits_pad(num_splits), HEAD_DIM=head_dim, num_warps=4)
+
+
+def _splits_pad(num_splits: int) -> int:
+    """One value for every split count the heuristic picks (<= DECODE_MAX_SPLITS): one variant."""
+    return triton.next_power_of_2(max(num_splits, DECODE_MAX_SPLITS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +364,8 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["window", "stride_qt", "stride_ot", "stride_bt"])
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "window",
+                               "stride_qt", "stride_ot", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                     query_start_loc_ptr, out_ptr, qk_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -404,7 +434,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0 or q.shape[0] == 0 or meta.max_query_len < 1:
         return out
-    block_m = min(PREFILL_BLOCK_M, max(_MIN_DOT, triton.next_power_of_2(meta.max_query_len)))
+    block_m = _prefill_block_m(meta.max_query_len)
     grid = (triton.cdiv(meta.max_query_len, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
@@ -417,6 +447,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+def _prefill_block_m(max_query_len: int) -> int:
+    """Queries per program: a power of two in [16, PREFILL_BLOCK_M], so at most 4 variants."""
+    return min(PREFILL_BLOCK_M, max(_MIN_DOT, triton.next_power_of_2(max_query_len)))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
@@ -427,6 +462,54 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if meta.per_token is not None:
         return paged_decode_attention(q, k_cache, v_cache, meta.per_token, scale, sliding_window)
     return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up: compile every variant before serving
+# ---------------------------------------------------------------------------------------------
+
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+               index_dtype: torch.dtype = torch.int64) -> None:
+    """Compile every variant that steps over this cache can launch (see the top of this module).
+
+    k_cache, v_cache: one layer's (num_blocks, block_size, Hkv, D); every layer has the same key.
+    index_dtype: that of the step metadata (block tables, seq_lens, query_start_loc); the model
+    runner's are int64. Launches tiny problems that read block 0 and write nothing (slot -1); q and
+    out are contiguous, which keys like the model's qkv views (strides are multiples of D).
+    A no-op under the interpreter, which compiles nothing.
+    """
+    if not _INTERPRETED:
+        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype)
+
+
+def _launch_each_variant(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                         index_dtype: torch.dtype) -> None:
+    _check_cache(k_cache, v_cache)
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    like_cache = dict(dtype=k_cache.dtype, device=k_cache.device)
+    kv = torch.zeros(1, num_kv_heads, head_dim, **like_cache)
+    write_kv(kv, kv, k_cache, v_cache, torch.full((1,), -1, dtype=torch.int64, device=k_cache.device))
+    for block_m in sorted({_prefill_block_m(1 << i) for i in range(PREFILL_BLOCK_M.bit_length())}):
+        q = torch.zeros(block_m, num_heads, head_dim, **like_cache)
+        meta = _dummy_meta(block_m, block_m, block_size, index_dtype, k_cache.device)
+        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0)
+    for num_splits in (1, 2):  # one split writes out directly; more go through the reduce kernel
+        q = torch.zeros(1, num_heads, head_dim, **like_cache)
+        meta = _dummy_meta(1, num_splits * DECODE_BLOCK_N, block_size, index_dtype, k_cache.device)
+        paged_decode_attention(q, k_cache, v_cache, meta, 1.0, num_splits=num_splits)
+
+
+def _dummy_meta(query_len: int, seq_len: int, block_size: int, index_dtype: torch.dtype,
+                device: torch.device) -> AttentionMetadata:
+    """One sequence of seq_len keys, all in block 0, whose last query_len tokens are queries."""
+    index = dict(dtype=index_dtype, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.full((query_len,), -1, dtype=torch.int64, device=device),
+        block_tables=torch.zeros(1, -(-seq_len // block_size), **index),
+        seq_lens=torch.tensor([seq_len], **index),
+        query_start_loc=torch.tensor([0, query_len], **index),
+        max_query_len=query_len, max_seq_len=seq_len,
+        seq_lens_list=[seq_len], query_lens_list=[query_len])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.engine import host_kv_pool, transfer_engine  # noqa: E402
+from kvtier.engine import transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
 from kvtier.offload.hardware import host_link_bandwidth  # noqa: E402
 from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
@@ -71,16 +71,19 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: int) -> dict:
-    """num_blocks scattered blocks (random GPU and CPU ids) each way through a TransferEngine,
-    timed on its streams; issue_ms is the host's time to issue one direction's copies."""
+def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: int,
+                   cpu_runs: bool = False, split: bool = False) -> dict:
+    """num_blocks blocks at random GPU ids each way through the engine's TransferEngine, timed on
+    its streams; CPU ids random (scattered) or one run of consecutive blocks (cpu_runs); the
+    reload whole-block or layer group by layer group (split). issue_ms: the host's time to issue."""
     dev = eng.device
     ng, nc = eng.gpu_blocks.shape[0], eng.num_cpu_blocks
     g = torch.Generator().manual_seed(0)
     gpu_ids = torch.randperm(ng, generator=g)[:num_blocks].tolist()
-    cpu_ids = torch.randperm(nc, generator=g)[:num_blocks].tolist()
+    cpu_ids = list(range(num_blocks)) if cpu_runs else torch.randperm(nc, generator=g)[:num_blocks].tolist()
     pairs = list(zip(gpu_ids, cpu_ids))
-    out = {"blocks": num_blocks, "block_bytes": eng.block_bytes, "layer_groups": len(eng.groups)}
+    out = {"blocks": num_blocks, "block_bytes": eng.block_bytes, "cpu_ids": "consecutive" if cpu_runs else "random",
+           "reload": f"{len(eng.group_layers)} layer groups" if split else "whole blocks"}
     with torch.no_grad():
         eng.gpu_blocks[gpu_ids] = torch.randn(eng.gpu_blocks[gpu_ids].shape, device=dev).to(eng.gpu_blocks.dtype)
     for direction in ("to_cpu", "to_gpu"):
@@ -88,7 +91,8 @@ def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: i
         for _ in range(reps + 2):
             flight = _InFlight(-1, [])
             t0 = time.perf_counter()
-            eng._issue(direction, pairs, flight) if eng.on_gpu else eng._copy_now(direction, pairs)
+            moved = split and direction == "to_gpu"
+            eng._issue(direction, pairs, flight, moved) if eng.on_gpu else eng._copy_now(direction, pairs, moved)
             issue.append((time.perf_counter() - t0) * 1e3)
             eng.synchronize()
             if eng.on_gpu:
@@ -101,27 +105,8 @@ def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: i
         out[f"{direction}_issue_ms"] = statistics.median(issue[2:])
         out[f"{direction}_GBps"] = num_blocks * eng.block_bytes / ms / 1e6
     # byte-exact: the blocks that went out and came back equal the GPU originals
-    back = torch.cat([cpu[cpu_ids] for _, cpu in eng.groups], dim=1).to(dev)  # (n, L, 2, row)
+    back = eng.cpu_blocks[cpu_ids].to(dev)
     out["exact"] = bool(torch.equal(back.view(torch.int16), eng.gpu_blocks[gpu_ids].reshape(back.shape).view(torch.int16)))
-    return out
-
-
-def transfer_rates_by_layer_groups(llm: LLM, num_blocks: int, reps: int) -> dict:
-    """The same through CPU pools cut into 1, 2 and 4 layer groups (fewer groups: larger DMA
-    copies when CPU blocks are scattered; more: finer layer-wise waiting)."""
-    cfg, eng = llm.engine.model_config, llm.engine.runner.transfers
-    out = {}
-    for groups in (1, 2, 4):
-        saved, host_kv_pool.LAYER_GROUPS = host_kv_pool.LAYER_GROUPS, groups
-        try:
-            pool = host_kv_pool.HostKVPool(2 * num_blocks, cfg.num_layers, llm.engine.config.block_size,
-                                           cfg.num_kv_heads, cfg.head_dim, llm.engine.dtype)
-        finally:
-            host_kv_pool.LAYER_GROUPS = saved
-        te = transfer_engine.TransferEngine(eng.gpu_kv, pool.kv, eng.block_bytes, pool.blocks_per_chunk)
-        out[str(len(te.groups))] = transfer_rates(te, num_blocks, reps)
-        del te
-        pool.close()
     return out
 
 
@@ -168,7 +153,7 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
                     flight = _InFlight(-1, [])
                     if eng.on_gpu:
                         # the copy stream must not wait on earlier work: it starts with the pass
-                        eng._issue(direction, pairs, flight)
+                        eng._issue(direction, pairs, flight, split=False)
                     passes.append(clock.time_ms(fn))
                     eng.synchronize()
                     if eng.on_gpu:
@@ -251,8 +236,12 @@ def main() -> None:
               "gpu_blocks": gpu_blocks, "cpu_blocks": llm.engine.host_pool.num_blocks,
               "command": "python3 benchmarks/tier_gpu.py " + " ".join(sys.argv[1:])}
     result.update(pinned_rate(device))
-    result["transfer"] = transfer_rates(llm.engine.runner.transfers, blocks, reps)
-    result["transfer_by_layer_groups"] = transfer_rates_by_layer_groups(llm, blocks, reps)
+    eng = llm.engine.runner.transfers
+    result["rows_2d_copy"] = eng.can_split  # the CUDA runtime's 2-D copy was found: loads can go layer-wise
+    result["transfer"] = transfer_rates(eng, blocks, reps)
+    result["transfer_variants"] = [transfer_rates(eng, blocks, reps, cpu_runs, split)
+                                   for cpu_runs, split in ((False, True), (True, False), (True, True))
+                                   if eng.can_split or not split]
     fns, used = forward_fns(llm, batch, ctx)
     result["overlap"] = {"batch": batch, "context": ctx, "blocks": blocks,
                          **overlap(llm, fns, used, blocks, reps)}
@@ -285,8 +274,10 @@ def main() -> None:
     print(f"{'reload (to_gpu) GB/s, 256 scattered blocks':<56}{t['to_gpu_GBps']:>12.1f}")
     print(f"{'store (to_cpu) GB/s':<56}{t['to_cpu_GBps']:>12.1f}")
     print(f"{'byte-exact':<56}{str(t['exact']):>12}")
-    for groups, r in result["transfer_by_layer_groups"].items():
-        print(f"{groups + ' layer groups: reload / store GB/s':<56}{r['to_gpu_GBps']:>6.1f}{r['to_cpu_GBps']:>6.1f}")
+    print(f"{'2-D copies (layer-wise loads) available':<56}{str(result['rows_2d_copy']):>12}")
+    for r in result["transfer_variants"]:
+        label = f"reload {r['reload']}, CPU ids {r['cpu_ids']} GB/s"
+        print(f"{label:<56}{r['to_gpu_GBps']:>12.1f}")
     for name in fns_names(o):
         for d in ("to_gpu", "to_cpu"):
             print(f"{name + ' slowdown with ' + d:<56}{o[f'{name}_with_{d}_slowdown']:>12.3f}")

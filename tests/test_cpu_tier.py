@@ -96,6 +96,8 @@ def test_tier_on_equals_off_under_heavy_movement(model_path, policy):
         assert stats["num_demotions_total"] > 0
     assert stats["bytes_to_cpu_total"] == stats["blocks_to_cpu_total"] * engine.host_pool.block_bytes
     assert moved > 0.5, f"only {moved:.0%} of steps moved KV between tiers"
+    transfers = engine.runner.transfers
+    assert 0 < transfers.num_split_loads  # some loads went layer group by layer group
     assert any(o.metrics.num_cached_tokens_by_tier["cpu"] > 0 for o in outs.values())
 
 
@@ -182,9 +184,9 @@ def test_swap_decision_follows_the_cost_model(tiny_model_dir):
 def test_failed_pinning_degrades_with_a_warning(monkeypatch, caplog, tiny_model_dir):
     calls = []
 
-    def register(ptr, num_bytes):  # one call per layer group of a chunk
-        calls.append(ptr)
-        return len(calls) <= 5  # the third chunk fails in its second group
+    def register(ptr, num_bytes):
+        calls.append(num_bytes)
+        return len(calls) <= 2  # the third chunk fails
 
     monkeypatch.setattr(host_kv_pool, "_register", register)
     monkeypatch.setattr(host_kv_pool, "_unregister", lambda ptr: None)
@@ -195,7 +197,7 @@ def test_failed_pinning_degrades_with_a_warning(monkeypatch, caplog, tiny_model_
         llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
     pool = llm.engine.host_pool
     per_chunk = (1 << 16) // pool.block_bytes
-    assert pool.kv.shape[0] == 2 and len(calls) == 6  # tiny-llama: 2 layers, 2 groups
+    assert len(calls) == 3
     assert pool.pinned and pool.num_blocks == 2 * per_chunk
     assert llm.engine.kv_cache.cpu_pool.num_blocks == 2 * per_chunk
     assert "could pin only" in caplog.text
@@ -219,33 +221,32 @@ def test_bad_offloading_size_is_a_clear_error(tiny_model_dir):
         LLM(str(path), skip_tokenizer_init=True, kv_offloading_policy="sometimes")
 
 
-def cpu_block(cpu: torch.Tensor, c: int) -> torch.Tensor:
-    """Block c of a (G, Nc, L/G, 2, ...) CPU tier as (L, 2, ...), the GPU cache's per-block shape."""
-    return cpu[:, c].flatten(0, 1)
-
-
-@pytest.mark.parametrize("groups", [1, 3])
-def test_transfer_round_trip_is_byte_exact(groups):
+@pytest.mark.parametrize("cpu_ids,split", [([1, 4], False), ([3, 4], True)])
+def test_transfer_round_trip_is_byte_exact(cpu_ids, split):
+    """Stores, then loads: scattered CPU blocks move whole, runs of them layer group by group."""
     from kvtier.cache.transfers import KVTransfers
     from kvtier.engine.transfer_engine import TransferEngine
-    gpu = torch.randn(3, 2, 8, 4, 2, 8)  # (L, 2, Ng, bs, Hkv, D)
-    cpu = torch.randn(groups, 5, 3 // groups, 2, 4, 2, 8)  # (G, Nc, L/G, 2, bs, Hkv, D)
+    gpu = torch.randn(4, 2, 8, 4, 2, 8)  # (L, 2, Ng, bs, Hkv, D)
+    cpu = torch.randn(5, 4, 2, 4, 2, 8)  # (Nc, L, 2, bs, Hkv, D)
     eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
+    assert len(eng.group_layers) == 2 and eng.can_split
     before = gpu.clone()
-    eng.before_forward(KVTransfers(stores=[(6, 1), (2, 4)], step_id=0))
-    assert torch.equal(cpu_block(cpu, 1), before[:, :, 6]) and torch.equal(cpu_block(cpu, 4), before[:, :, 2])
-    eng.before_forward(KVTransfers(loads=[(1, 0), (4, 7)], step_id=1))
+    eng.before_forward(KVTransfers(stores=[(6, cpu_ids[0]), (2, cpu_ids[1])], step_id=0))
+    assert torch.equal(cpu[cpu_ids[0]], before[:, :, 6]) and torch.equal(cpu[cpu_ids[1]], before[:, :, 2])
+    eng.before_forward(KVTransfers(loads=[(cpu_ids[0], 0), (cpu_ids[1], 7)], step_id=1))
+    assert eng.num_split_loads == split
     assert torch.equal(gpu[:, :, 0], before[:, :, 6]) and torch.equal(gpu[:, :, 7], before[:, :, 2])
     untouched = [i for i in range(8) if i not in (0, 7)]
     assert torch.equal(gpu[:, :, untouched], before[:, :, untouched])
     assert eng.bytes == {"to_cpu": 2 * gpu[:, :, 0].nbytes, "to_gpu": 2 * gpu[:, :, 0].nbytes}
 
 
-def test_host_pool_groups_layers():
-    from kvtier.engine.host_kv_pool import HostKVPool, layer_groups
+def test_layer_groups_and_host_pool_layout():
+    from kvtier.engine.host_kv_pool import HostKVPool
+    from kvtier.engine.transfer_engine import layer_groups
     assert [layer_groups(n) for n in (1, 2, 3, 30, 32, 7)] == [1, 2, 1, 2, 2, 1]
     pool = HostKVPool(5, 32, 16, 8, 128, torch.bfloat16, pin=False)
-    assert pool.kv.shape == (2, 5, 16, 2, 16, 8, 128) and pool.num_blocks == 5
+    assert pool.kv.shape == (5, 32, 2, 16, 8, 128) and pool.num_blocks == 5
     assert pool.block_bytes == 2 * 32 * 16 * 8 * 128 * 2  # 2 MiB: all layers' K and V of one block
 
 
@@ -260,16 +261,17 @@ def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
     from kvtier.cache.transfers import KVTransfers
     from kvtier.engine import transfer_engine
     gpu = torch.randn(2, 2, 16, 4, 1, 4)
-    cpu = torch.randn(2, 12, 1, 2, 4, 1, 4)  # two groups of one layer
-    monkeypatch.setattr(transfer_engine, "STAGING_BYTES", 3 * gpu[:, :, 0].nbytes)  # 3 whole blocks
+    cpu = torch.randn(12, 2, 2, 4, 1, 4)
+    monkeypatch.setattr(transfer_engine, "STAGING_BYTES", 3 * gpu[:, :, 0].nbytes)  # 3 blocks
     eng = transfer_engine.TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes, cpu_blocks_per_chunk=4)
-    assert eng.staging["to_cpu"].shape[0] == 6  # 6 blocks of one group's layers
-    pairs = [(g, c) for g, c in zip([1, 5, 2, 9, 14, 0, 7, 3], [3, 4, 5, 6, 7, 8, 11, 1])]
+    assert eng.staging["to_cpu"].shape[0] == 3
+    pairs = [(g, c) for g, c in zip([1, 5, 2, 9, 14, 0, 7, 3], [3, 4, 5, 6, 2, 1, 11, 0])]
     before = gpu.clone()
     eng.before_forward(KVTransfers(stores=pairs, step_id=0))
     for g, c in pairs:
-        assert torch.equal(cpu_block(cpu, c), before[:, :, g])
+        assert torch.equal(cpu[c], before[:, :, g])
     gpu.zero_()
     eng.before_forward(KVTransfers(loads=[(c, g) for g, c in pairs], step_id=1))
+    assert eng.num_split_loads == 1  # runs 0-3, 4-6 and 11: layer group by layer group
     for g, c in pairs:
         assert torch.equal(gpu[:, :, g], before[:, :, g])

@@ -103,9 +103,10 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         if self.device.type != "cuda" or self.attention_backend != "triton":
             raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
-        per_group = self.transfers.layers_per_group if self.transfers is not None else self.cfg.num_layers
+        # one graph segment per layer group that CPU-tier loads may arrive by
+        starts = [layers.start for layers in self.transfers.group_layers] if self.transfers is not None else [0]
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                   self.block_size, self.device, list(range(0, self.cfg.num_layers, per_group)))
+                                   self.block_size, self.device, starts)
         self.graphs.capture()
 
     def _execute(self, inputs: ModelInputs, ready: LayerReady | None) -> RunnerOutput:

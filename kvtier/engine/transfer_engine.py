@@ -1,11 +1,10 @@
 """Issues each step's KV copies between the GPU cache and the CPU tier, batched, on copy streams.
 
 How a block moves (chosen by measurement, benchmarks/results/.../transfer_alternatives.json): a
-GPU block is 2·L rows scattered over the cache (layer-major); the CPU tier keeps the layers in a
-few groups, and within a group a block is one contiguous chunk (kvtier/engine/host_kv_pool.py).
-Group by group:
+GPU block is 2·L rows scattered over the cache (layer-major), a CPU block one contiguous chunk
+(block-major, kvtier/engine/host_kv_pool.py).
 
-    store:  cache rows --gather kernel--> staging (GPU) --DMA per run--> pinned pool
+    store:  cache rows --gather kernel--> staging (GPU, block-major) --DMA per run--> pinned pool
     load:   pinned pool --DMA per run--> staging --scatter kernel--> cache rows
 
 The kernel leg is GPU-to-GPU over the whole device and takes ~1% of the time; the DMA leg moves
@@ -14,21 +13,29 @@ pinned link rate and, being done by the copy engines, leaves the SMs to a runnin
 A kernel that reads pinned memory directly (UVA) reached the same rate alone but slowed a
 concurrent forward by 15-40% (prefill) and more (decode), so it is not used here.
 
+Layer-wise loads (Pie). A load whose CPU blocks come in runs (on average at least
+SPLIT_MIN_RUN consecutive blocks) moves one group of layers at a time (LAYER_GROUPS groups),
+each run's group as one 2-D DMA copy (kvtier/ops/dma.py), and records an event per group; the
+forward's layer i waits only for its group, so the first layers compute while later groups still
+cross the link. A load of scattered blocks moves whole blocks instead: a block's groups as
+separate copies would double the per-copy cost (H100: 256 scattered blocks reloaded at 48.5 GB/s
+whole, 43.6 GB/s in two groups, 40.9 in four).
+
 One step with stores and loads, on a GPU (see kvtier/cache/transfers.py for who plans what):
 
-    store stream:  wait(compute) -> store g0, g1, ... ------------------> wait(compute) -> stores_after
-    load stream:   wait(compute) -> wait(store g0) -> load g0 -> wait(store g1) -> load g1 ...
+    store stream:  wait(compute) -> stores --------------------------------> wait(compute) -> stores_after
+    load stream:   wait(compute, this step's stores) -> load g0 -> load g1 ...
     compute:       [layers of g0] wait(load g0) -> ... -> [layers of g1] wait(load g1) -> ...
 
 Stores wait for the compute stream because the blocks they read were written by earlier forwards;
 loads wait for it because their destination blocks may still be read by an earlier forward, and
-for the same group's stores because a block being loaded into may be one just evicted and still
-being copied out. A layer of the forward waits for its group's loads (or, without loads, its
-group's stores: it may write into a block being copied out), so the first layers compute while
-the later groups are still crossing the link. A decode replayed as a CUDA graph waits for all of
-them first. Write-through stores (stores_after) read blocks that stay referenced until they
-complete, so nothing waits for them: they run beside later steps. On the CPU the same staged path
-runs as plain copies, in order, and completes at once.
+for this step's stores because a block being loaded into may be one just evicted and still being
+copied out. The forward waits for the loads layer group by layer group (without loads, for the
+stores before its first layer: it may write into a block being copied out); a decode replayed as
+a CUDA graph waits segment by segment (kvtier/engine/cuda_graphs.py). Write-through stores
+(stores_after) read blocks that stay referenced until they complete, so nothing waits for them:
+they run beside later steps. On the CPU the same staged path runs as plain copies, in order, and
+completes at once.
 """
 
 from __future__ import annotations
@@ -40,13 +47,20 @@ import time
 import torch
 
 from kvtier.cache.transfers import KVTransfers
+from kvtier.ops import dma
 from kvtier.ops.kv_transfer import copy_blocks
 
 STAGING_BYTES = 256 << 20  # per direction; a step moving more goes through it in rounds
+LAYER_GROUPS = 2  # at most; the largest divisor of the layer count not above it
+SPLIT_MIN_RUN = 2.0  # mean consecutive CPU blocks per DMA run for a load to go group by group
 
 
 def staging_blocks(block_bytes: int) -> int:
     return max(1, STAGING_BYTES // block_bytes)
+
+
+def layer_groups(num_layers: int) -> int:
+    return max(g for g in range(1, min(LAYER_GROUPS, num_layers) + 1) if num_layers % g == 0)
 
 
 @dataclasses.dataclass
@@ -80,24 +94,21 @@ class LayerReady:
 class TransferEngine:
     def __init__(self, gpu_kv: torch.Tensor, cpu_kv: torch.Tensor, block_bytes: int,
                  cpu_blocks_per_chunk: int | None = None):
-        # gpu_kv: (L, 2, Ng, bs, Hkv, D) on the device; cpu_kv: (G, Nc, L/G, 2, bs, Hkv, D) pinned
-        num_layers, num_groups, num_cpu_blocks = gpu_kv.shape[0], cpu_kv.shape[0], cpu_kv.shape[1]
-        self.layers_per_group = num_layers // num_groups
+        # gpu_kv: (L, 2, Ng, bs, Hkv, D) on the device; cpu_kv: (Nc, L, 2, bs, Hkv, D) pinned
+        num_layers = gpu_kv.shape[0]
         self.gpu_kv = gpu_kv
         self.gpu_blocks = gpu_kv.view(num_layers, 2, gpu_kv.shape[2], -1).permute(2, 0, 1, 3)  # (block, layer, kv, row)
-        self.num_cpu_blocks = num_cpu_blocks
-        lg = self.layers_per_group
-        self.groups = [(self.gpu_blocks[:, g * lg:(g + 1) * lg], cpu_kv[g].view(num_cpu_blocks, lg, 2, -1))
-                       for g in range(num_groups)]  # per group (GPU view, CPU view), both (block, layer, kv, row)
+        self.cpu_blocks = cpu_kv.view(cpu_kv.shape[0], num_layers, 2, -1)  # (block, layer, kv, row)
+        self.num_layers, self.num_cpu_blocks = num_layers, cpu_kv.shape[0]
         self.device = gpu_kv.device
         self.block_bytes = block_bytes
-        self.chunk = cpu_blocks_per_chunk or num_cpu_blocks  # a DMA run never crosses a pinned chunk
+        self.chunk = cpu_blocks_per_chunk or self.num_cpu_blocks  # a DMA run never crosses a pinned chunk
         self.on_gpu = self.device.type == "cuda"
-        # one staging buffer per direction, seen per group as (blocks, L/G, 2, row): a round of one
-        # group holds num_groups times the blocks of a whole-block round
-        self.round_blocks = min(staging_blocks(block_bytes), num_cpu_blocks) * num_groups
-        group_rows = (self.round_blocks,) + tuple(self.groups[0][1].shape[1:])
-        self.staging = {d: torch.empty(group_rows, dtype=gpu_kv.dtype, device=self.device) for d in ("to_cpu", "to_gpu")}
+        per_group = num_layers // layer_groups(num_layers)
+        self.group_layers = [slice(first, first + per_group) for first in range(0, num_layers, per_group)]
+        self.can_split = len(self.group_layers) > 1 and dma.rows_available(self.device)
+        rows = (min(staging_blocks(block_bytes), self.num_cpu_blocks),) + tuple(self.cpu_blocks.shape[1:])
+        self.staging = {d: torch.empty(rows, dtype=gpu_kv.dtype, device=self.device) for d in ("to_cpu", "to_gpu")}
         if self.on_gpu:
             self.streams = {d: torch.cuda.Stream(self.device) for d in ("to_cpu", "to_gpu")}
             self.kernel_args = {"num_programs": 4 * torch.cuda.get_device_properties(self.device).multi_processor_count}
@@ -108,111 +119,124 @@ class TransferEngine:
         self._completed: list[int] = []
         self.seconds = {"to_cpu": 0.0, "to_gpu": 0.0}
         self.bytes = {"to_cpu": 0, "to_gpu": 0}
+        self.num_split_loads = 0  # loads that went layer group by layer group
 
     def _precompile(self) -> None:
-        """Compile the copy kernel's variant for each direction now, not at the first transfer
-        mid-serving: GPU block 0 to staging and back, which leaves the cache as it was."""
-        gpu, _ = self.groups[0]
+        """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
+        block 0 to staging and back (whole blocks and one layer group), which leaves the cache
+        as it was."""
         zero = torch.zeros(1, dtype=torch.int64, device=self.device)
-        copy_blocks(gpu, self.staging["to_cpu"], zero, zero, **self.kernel_args)
-        self.staging["to_gpu"][:1].copy_(self.staging["to_cpu"][:1])
-        copy_blocks(self.staging["to_gpu"], gpu, zero, zero, **self.kernel_args)
+        for layers in {slice(None), self.group_layers[0]}:
+            copy_blocks(self.gpu_blocks[:, layers], self.staging["to_cpu"][:, layers], zero, zero, **self.kernel_args)
+            self.staging["to_gpu"][:1].copy_(self.staging["to_cpu"][:1])
+            copy_blocks(self.staging["to_gpu"][:, layers], self.gpu_blocks[:, layers], zero, zero, **self.kernel_args)
         torch.cuda.synchronize(self.device)
 
     # -- issuing --------------------------------------------------------------------------------
 
     def before_forward(self, plan: KVTransfers) -> LayerReady | None:
-        """Stores, then loads, group by group; returns what the forward must wait for per layer
-        (None when nothing is in flight: the CPU, or a step that moves nothing, like most decodes)."""
+        """Stores, then loads; returns what the forward must wait for per layer (None when
+        nothing is in flight: the CPU, or a step that moves nothing, like most decodes)."""
         if plan.is_empty:
             return None
         loads = [(g, c) for c, g in plan.loads]
+        split = self._split(loads)
         if not self.on_gpu:
-            self._copy_now("to_cpu", plan.stores)
-            self._copy_now("to_gpu", loads)
+            self._copy_now("to_cpu", plan.stores, False)
+            self._copy_now("to_gpu", loads, split)
             return None
         if not plan.stores and not loads:
             self._inflight.append(_InFlight(plan.step_id, []))
             return None
         compute = torch.cuda.current_stream(self.device)
         flight = _InFlight(plan.step_id, [])
-        stored = None
+        ready = None
         if plan.stores:
             self.streams["to_cpu"].wait_stream(compute)
-            stored = self._issue("to_cpu", plan.stores, flight)
-        ready = stored
+            ready = self._issue("to_cpu", plan.stores, flight, split=False)
         if loads:
-            self.streams["to_gpu"].wait_stream(compute)
-            ready = self._issue("to_gpu", loads, flight, after=stored)
+            load = self.streams["to_gpu"]
+            load.wait_stream(compute)
+            if ready is not None:  # only this step's stores: earlier write-through ones may run on
+                load.wait_event(ready[-1])
+            ready = self._issue("to_gpu", loads, flight, split)
         self._inflight.append(flight)
-        return LayerReady(self.layers_per_group, ready, self.device)
+        return LayerReady(self.num_layers // len(ready), ready, self.device)
 
     def after_forward(self, plan: KVTransfers) -> None:
         """Write-through stores of blocks the forward just filled; nothing waits for them."""
         if plan.is_empty:
             return
         if not self.on_gpu:
-            self._copy_now("to_cpu", plan.stores_after)
+            self._copy_now("to_cpu", plan.stores_after, False)
             self._completed.append(plan.step_id)
         elif plan.stores_after:
             self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
-            self._issue("to_cpu", plan.stores_after, self._inflight[-1])
+            self._issue("to_cpu", plan.stores_after, self._inflight[-1], split=False)
+
+    def _split(self, loads: list[tuple[int, int]]) -> bool:
+        """Whether a load goes layer group by layer group: only when its CPU blocks come in runs."""
+        if not loads or not self.can_split:
+            return False
+        num_runs = len(_runs(sorted(c for _, c in loads), self.chunk))
+        split = len(loads) >= SPLIT_MIN_RUN * num_runs
+        self.num_split_loads += split
+        return split
 
     def _issue(self, direction: str, pairs: list[tuple[int, int]], flight: _InFlight,
-               after: list[torch.cuda.Event] | None = None) -> list[torch.cuda.Event]:
-        """pairs: (gpu_block_id, cpu_block_id), moved in `direction` on that direction's stream,
-        group by group, group g after after[g]; returns one event per group marking its end."""
+               split: bool) -> list[torch.cuda.Event]:
+        """pairs: (gpu_block_id, cpu_block_id), moved in `direction` on that direction's stream;
+        returns an event per layer group marking its end (one for all layers unless split)."""
         stream = self.streams[direction]
         with torch.cuda.stream(stream):
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
             ends = []
-            for g, rounds in self._staged_rounds(direction, pairs):
-                if after is not None:
-                    stream.wait_event(after[g])
-                for copy in rounds:
+            for copies in self._staged_copies(direction, pairs, split):
+                for copy in copies:
                     copy()
                 ends.append(torch.cuda.Event(enable_timing=True))
                 ends[-1].record(stream)
         flight.timed.append((direction, start, ends[-1]))
         return ends
 
-    def _copy_now(self, direction: str, pairs: list[tuple[int, int]]) -> None:
+    def _copy_now(self, direction: str, pairs: list[tuple[int, int]], split: bool) -> None:
         if pairs:
             start = time.perf_counter()
-            for _, rounds in self._staged_rounds(direction, pairs):
-                for copy in rounds:
+            for copies in self._staged_copies(direction, pairs, split):
+                for copy in copies:
                     copy()
             self.seconds[direction] += time.perf_counter() - start
 
-    def _staged_rounds(self, direction: str, pairs: list[tuple[int, int]]):
-        """Per layer group (g, its copies as callables): rounds of up to one staging buffer, each a
-        kernel leg on the device and a DMA leg per run of consecutive CPU blocks (sorted by CPU
-        block, so slot i of a round holds its i-th)."""
+    def _staged_copies(self, direction: str, pairs: list[tuple[int, int]], split: bool):
+        """Per layer group (all layers as one unless split), its copies as callables: rounds of
+        up to one staging buffer, each a kernel leg on the device and a DMA leg per run of
+        consecutive CPU blocks (sorted by CPU block, so slot i of a round holds its i-th)."""
         staging = self.staging[direction]
         pairs = sorted(pairs, key=lambda p: p[1])
         rounds = []
-        for lo in range(0, len(pairs), self.round_blocks):
-            chunk = pairs[lo:lo + self.round_blocks]
+        for lo in range(0, len(pairs), staging.shape[0]):
+            chunk = pairs[lo:lo + staging.shape[0]]
             ids = torch.tensor([[g for g, _ in chunk], list(range(len(chunk)))], dtype=torch.int64)
             if self.on_gpu:
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
             rounds.append((ids, _runs([c for _, c in chunk], self.chunk)))
         self.bytes[direction] += len(pairs) * self.block_bytes
 
-        def copy(gpu: torch.Tensor, cpu: torch.Tensor, ids: torch.Tensor, runs) -> None:
+        def copy(layers: slice, ids: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
+            gpu, cpu, stage = self.gpu_blocks[:, layers], self.cpu_blocks[:, layers], staging[:, layers]
             if direction == "to_cpu":
-                copy_blocks(gpu, staging, ids[0], ids[1], **self.kernel_args)
+                copy_blocks(gpu, stage, ids[0], ids[1], **self.kernel_args)
             for slot, cpu_id, n in runs:
                 if direction == "to_cpu":
-                    cpu[cpu_id:cpu_id + n].copy_(staging[slot:slot + n], non_blocking=True)
+                    dma.copy_rows(cpu[cpu_id:cpu_id + n], stage[slot:slot + n])
                 else:
-                    staging[slot:slot + n].copy_(cpu[cpu_id:cpu_id + n], non_blocking=True)
+                    dma.copy_rows(stage[slot:slot + n], cpu[cpu_id:cpu_id + n])
             if direction == "to_gpu":
-                copy_blocks(staging, gpu, ids[1], ids[0], **self.kernel_args)
+                copy_blocks(stage, gpu, ids[1], ids[0], **self.kernel_args)
 
-        for g, (gpu, cpu) in enumerate(self.groups):
-            yield g, [functools.partial(copy, gpu, cpu, ids, runs) for ids, runs in rounds]
+        for layers in self.group_layers if split else [slice(None)]:
+            yield [functools.partial(copy, layers, ids, runs) for ids, runs in rounds]
 
     # -- completion -----------------------------------------------------------------------------
 

@@ -22,6 +22,12 @@ from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOut
 # took 137 us per layer in the prefill kernel, which parallelizes over queries and heads only).
 PER_TOKEN_MAX_QUERY = 16
 PER_TOKEN_MIN_CONTEXT = 512
+# With CUDA graphs, any step of at most the largest graph's rows whose rows x longest context is at
+# most this also runs as per-token decodes, by graph: a decode batch plus a user's next message
+# (tens to a few hundred tokens over a short history) is otherwise an eager forward, which on an
+# H100 spends ~12 ms launching ~8 ms of Llama-3-8B work. Each row re-reads its context, but one
+# layer's K/V of a few thousand tokens stays in L2 (4 KiB per token and layer for Llama-3-8B).
+PER_TOKEN_GRAPH_WORK = 256 * 2048
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -166,9 +172,15 @@ class ModelRunner:
         return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample])
 
     def _per_token_view(self, query_lens: np.ndarray, seq_lens: np.ndarray) -> bool:
-        """Short prefills over long contexts attend faster as one decode per token (Triton only)."""
-        return (self.attention_backend == "triton" and 1 < query_lens.max() <= PER_TOKEN_MAX_QUERY
-                and seq_lens.max() >= PER_TOKEN_MIN_CONTEXT)
+        """Short prefills over long contexts attend faster as one decode per token (Triton only);
+        small mixed steps run faster so as well, replaying a decode graph (see PER_TOKEN_GRAPH_WORK)."""
+        if self.attention_backend != "triton" or query_lens.max() <= 1:
+            return False
+        if query_lens.max() <= PER_TOKEN_MAX_QUERY and seq_lens.max() >= PER_TOKEN_MIN_CONTEXT:
+            return True
+        rows = int(query_lens.sum())
+        return (self.graphs is not None and self.graphs.can_run(rows)
+                and rows * int(seq_lens.max()) <= PER_TOKEN_GRAPH_WORK)
 
     def _table_row(self, item: ScheduledRequest) -> np.ndarray:
         row = self._tables.get(item.request_id)

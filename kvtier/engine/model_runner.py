@@ -81,7 +81,7 @@ class ModelRunner:
         if device.type == "cuda" and self.attention_backend == "triton":
             # every Triton kernel variant a step can launch compiles now, not mid-serving
             # (~1 s each; what makes a variant: the top of kvtier/ops/triton_attention.py)
-            from kvtier.ops import triton_attention
+            from kvtier.ops import triton_attention  # here: importing kvtier must not import Triton
             triton_attention.precompile(*self.kv_caches[0], cfg.num_heads)
             model.precompile(kv.dtype, device)
         self.graphs: DecodeGraphs | None = None

@@ -126,7 +126,7 @@ class TransferEngine:
         block 0 to staging and back (whole blocks and one layer group), which leaves the cache
         as it was."""
         zero = torch.zeros(1, dtype=torch.int64, device=self.device)
-        for layers in {slice(None), self.group_layers[0]}:
+        for layers in (slice(None), self.group_layers[0]):  # one variant each (the same with one group)
             copy_blocks(self.gpu_blocks[:, layers], self.staging["to_cpu"][:, layers], zero, zero, **self.kernel_args)
             self.staging["to_gpu"][:1].copy_(self.staging["to_cpu"][:1])
             copy_blocks(self.staging["to_gpu"][:, layers], self.gpu_blocks[:, layers], zero, zero, **self.kernel_args)

@@ -14,7 +14,6 @@ import torch
 
 from conftest import MIXED_LENGTHS, greedy, random_prompts
 from kvtier import LLM, SamplingParams
-from kvtier.ops import fused
 from kvtier.ops import triton_attention as ta
 from kvtier.ops.kernel_variants import compiled_variants, num_compiled_variants
 

@@ -96,7 +96,6 @@ class TransferEngine:
                  cpu_blocks_per_chunk: int | None = None):
         # gpu_kv: (L, 2, Ng, bs, Hkv, D) on the device; cpu_kv: (Nc, L, 2, bs, Hkv, D) pinned
         num_layers = gpu_kv.shape[0]
-        self.gpu_kv = gpu_kv
         self.gpu_blocks = gpu_kv.view(num_layers, 2, gpu_kv.shape[2], -1).permute(2, 0, 1, 3)  # (block, layer, kv, row)
         self.cpu_blocks = cpu_kv.view(cpu_kv.shape[0], num_layers, 2, -1)  # (block, layer, kv, row)
         self.num_layers, self.num_cpu_blocks = num_layers, cpu_kv.shape[0]

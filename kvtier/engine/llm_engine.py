@@ -101,7 +101,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
                                   config.attention_backend, transfers)
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
-            # short prefills over long contexts run as one decode per token, up to PER_TOKEN_MAX_QUERY
+            # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
             self.runner.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        self.host_pool.num_blocks if self.host_pool else 0,

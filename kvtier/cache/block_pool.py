@@ -106,6 +106,14 @@ class BlockPool:
             block.block_hash = None
             self.num_evictions += 1
 
+    def uncache(self, block: Block) -> None:
+        """Forget a block's hash because its content may not be what the hash promises (a step
+        that failed before writing it); unlike an eviction, nothing is demoted."""
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+
     def lookup(self, block_hash: bytes) -> Block | None:
         return self.cached.get(block_hash) if self.enable_caching else None
 

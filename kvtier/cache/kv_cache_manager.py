@@ -243,6 +243,21 @@ class KVCacheManager:
         self.req_block_ids.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
+    def forget_uncomputed(self, request: Request) -> None:
+        """After a failed step: unregister the request's blocks past its computed tokens, in both
+        tiers. They were registered when allocated, before the forward that should have written
+        them (and a write-through copy of them may hold the same garbage); a retry registers
+        them again once computed."""
+        first = request.num_computed_tokens // self.block_size
+        for block in self.req_blocks.get(request.request_id, [])[first:]:
+            if block.block_hash is not None and self.cpu_pool is not None:
+                cpu_block = self.cpu_pool.lookup(block.block_hash)
+                if cpu_block is not None:
+                    self.cpu_pool.uncache(cpu_block)
+            self.pool.uncache(block)
+        if request.request_id in self.req_num_cached:
+            self.req_num_cached[request.request_id] = min(self.req_num_cached[request.request_id], first)
+
     def forget(self, request: Request) -> None:
         self.req_hashes.pop(request.request_id, None)
 

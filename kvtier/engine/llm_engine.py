@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvtier.cache.kv_cache_manager import KVCacheManager
-from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineConfig
+from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineConfig, default_cpu_threads
 from kvtier.engine.detokenizer import IncrementalDetokenizer
 from kvtier.engine.host_kv_pool import HostKVPool
 from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY, ModelRunner, allocate_kv_cache, kv_block_bytes
@@ -24,7 +24,7 @@ from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
 from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.request import Request, RequestStatus
-from kvtier.sampling_params import SamplingParams
+from kvtier.sampling_params import SamplingParamError, SamplingParams
 from kvtier.scheduler.output import SampledToken
 from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -65,6 +65,7 @@ class _RequestGroup:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[_Sequence]
+    error: str | None = None  # set when an engine step failed because of this request
 
     @property
     def finished(self) -> bool:
@@ -87,6 +88,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device, self.dtype = resolve_device_dtype(config)
+        if self.device.type == "cpu" or config.cpu_threads is not None:
+            # torch's intra-op threads (process-wide). On a GPU they run only host-side torch work,
+            # so there torch's own default stays unless --cpu-threads is given.
+            torch.set_num_threads(config.cpu_threads or default_cpu_threads())
         torch.manual_seed(config.seed)
         source = resolve_model(config.model, config.load_format)
         self.model_config = model_config(source)
@@ -115,6 +120,7 @@ class LLMEngine:
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
         self._group_of: dict[str, tuple[str, _Sequence]] = {}  # child request id -> (group id, seq)
         self._ids = itertools.count()
+        self._step_request_ids: list[str] = []  # the requests of the step being run
         self._last_log = time.monotonic()
         logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
@@ -137,18 +143,23 @@ class LLMEngine:
             return cfg.num_gpu_blocks_override
         # Without an explicit size, never more than 4x what max_num_seqs full-length sequences
         # need (the rest only holds cached prefixes); a tiny model would otherwise get millions.
+        # This lowers no limit, so it is logged at INFO; the limits it could lower warn in _max_model_len.
         full = cfg.max_model_len or self.model_config.max_position_embeddings
         cap = 4 * -(-full // cfg.block_size) * cfg.max_num_seqs * block_bytes
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
-        elif self.device.type == "cuda":
-            budget = min(self._cuda_kv_budget(), cap)
-        else:  # CPU: a fixed default
-            budget = min(DEFAULT_CPU_KV_CACHE_BYTES, cap)
+        else:  # on the CPU a fixed default
+            available = self._cuda_kv_budget() if self.device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES
+            budget = min(available, cap)
+            if budget < available:
+                logger.info("kvtier: KV cache capped at %d MiB of %d MiB available: 4x what %d sequences of %d "
+                            "tokens (--max-num-seqs, max_model_len) need; --kv-cache-memory sets it",
+                            budget >> 20, available >> 20, cfg.max_num_seqs, full)
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
-            raise ConfigError(f"the KV cache budget of {budget / 2**30:.2f} GiB holds no block of "
-                              f"{block_bytes} bytes; raise --kv-cache-memory or --gpu-memory-utilization")
+            raise ConfigError(f"the KV cache budget of {budget} bytes holds no block of {block_bytes} bytes; "
+                              f"give --kv-cache-memory at least {self._kv_memory_for(cfg.block_size)}, or raise "
+                              "--gpu-memory-utilization")
         return num_blocks
 
     def _build_cpu_tier(self, kv: torch.Tensor) -> TransferEngine | None:
@@ -204,15 +215,32 @@ class LLMEngine:
         return int(t * width * self.dtype.itemsize * 2 + cfg.vocab_size * 4 * min(t, 1024))
 
     def _max_model_len(self, num_blocks: int) -> int:
+        """The user's max_model_len if the model and the KV cache allow it (else an error); unset,
+        the model's positions, lowered with a warning to what the cache holds."""
         model_max = self.model_config.max_position_embeddings
         capacity = num_blocks * self.config.block_size
         wanted = self.config.max_model_len
         if wanted is not None and wanted > model_max:
-            raise ConfigError(f"max_model_len={wanted} exceeds the model's {model_max} positions")
+            raise ConfigError(f"max_model_len={wanted} exceeds the model's {model_max} positions; "
+                              f"lower --max-model-len to at most {model_max}")
         if wanted is not None and wanted > capacity:
             raise ConfigError(f"max_model_len={wanted} does not fit the KV cache ({capacity} tokens in "
-                              f"{num_blocks} blocks); lower --max-model-len or give the cache more memory")
+                              f"{num_blocks} blocks of {self.config.block_size}); lower --max-model-len to at "
+                              f"most {capacity}, or give the cache at least {self._kv_memory_for(wanted)} "
+                              "(--kv-cache-memory)")
+        if wanted is None and capacity < model_max:
+            logger.warning("kvtier: max_model_len lowered from the model's %d to %d tokens, all that the KV "
+                           "cache holds (%d blocks of %d tokens); for the model's full length give the cache at "
+                           "least %s (--kv-cache-memory), or set --max-model-len %d to accept the shorter limit",
+                           model_max, capacity, num_blocks, self.config.block_size,
+                           self._kv_memory_for(model_max), capacity)
         return wanted or min(model_max, capacity)
+
+    def _kv_memory_for(self, num_tokens: int) -> str:
+        """KV cache memory that holds one sequence of num_tokens, as a --kv-cache-memory value."""
+        num_blocks = -(-num_tokens // self.config.block_size)
+        num_bytes = num_blocks * kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
+        return f"{-(-num_bytes // 2**20)}MiB"
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -236,6 +264,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_sampling_params(params)
         text, token_ids = self.process_prompt(prompt)
         seqs = []
         for i in range(params.n):
@@ -249,6 +278,16 @@ class LLMEngine:
             self._group_of[seq.request.request_id] = (request_id, seq)
             self.scheduler.add_request(seq.request)
         return request_id
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: ids and counts against this model's vocabulary (an id
+        past it would fail the sampler's step, and every request in it)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise SamplingParamError("stop_token_ids", bad[:5], f"must be in [0, {vocab}), the vocabulary")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise SamplingParamError("logprobs", params.logprobs, f"must be at most {vocab}, the vocabulary size")
 
     def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Tokenize and validate; raises ValueError naming the problem."""
@@ -284,15 +323,35 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """One scheduling step; returns outputs of the requests that advanced (finished ones last seen).
 
-        final_only: only requests that finished (offline generation needs nothing else)."""
+        final_only: only requests that finished (offline generation needs nothing else).
+
+        One request must not fail the others: a step that raises is run again request by request
+        (`_isolate_failure`); a request that fails alone finishes with finish_reason "error" and
+        `RequestOutput.error`. Raises only for a failure no request can be blamed for."""
+        try:
+            return self._step(final_only)
+        except Exception as error:  # noqa: BLE001 - attributed below, or re-raised
+            return self._isolate_failure(error, final_only)
+
+    def _step(self, final_only: bool, only: frozenset[str] | None = None) -> list[RequestOutput]:
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        self._step_request_ids = []
+        plan = self.scheduler.schedule(only)
+        self._step_request_ids = [item.request_id for item in plan.scheduled]
         result = self.runner.execute(plan)
         self._settle_transfers()
         updated = self.scheduler.update_from_output(plan, result)
-        touched = self._apply_tokens(updated, result.sampled)
+        outputs = self._collect(self._apply_tokens(updated, result.sampled), final_only)
+        if self.step_log is not None and not plan.is_empty:
+            self._record_step(plan, start)
+        if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
+            self._log_stats()
+        return outputs
+
+    def _collect(self, group_ids: list[str], final_only: bool) -> list[RequestOutput]:
+        """Outputs of these groups; finished groups are forgotten once reported."""
         outputs = []
-        for group_id in touched:
+        for group_id in group_ids:
             group = self.groups[group_id]
             if group.finished:
                 del self.groups[group_id]
@@ -300,11 +359,39 @@ class LLMEngine:
             elif final_only:
                 continue
             outputs.append(self._output(group))
-        if self.step_log is not None and not plan.is_empty:
-            self._record_step(plan, start)
-        if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
-            self._log_stats()
         return outputs
+
+    def _isolate_failure(self, error: Exception, final_only: bool) -> list[RequestOutput]:
+        """Run the failed step's requests one at a time: the ones that fail alone are failed, the
+        others advance as in any step. The failed step changed no request's progress (tokens are
+        counted after the forward), so nobody's output differs from a run without the failure."""
+        suspects = [rid for rid in self._step_request_ids if rid in self.scheduler.requests]
+        if not suspects:
+            raise error  # not in a request's part of the step: the caller fails the batch
+        logger.warning("kvtier: a step of %d requests failed (%s: %s); running them one at a time to find "
+                       "the one that fails", len(suspects), type(error).__name__, error)
+        for rid in suspects:
+            self.kv_cache.forget_uncomputed(self.scheduler.requests[rid])
+        outputs = []
+        for rid in suspects:
+            if rid not in self.scheduler.requests:
+                continue  # finished meanwhile (a sibling of the same request failed)
+            try:
+                outputs += self._step(final_only, only=frozenset({rid}))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                logger.error("kvtier: request %s failed inside an engine step and was ended", rid,
+                             exc_info=True)
+                self.kv_cache.forget_uncomputed(self.scheduler.requests[rid])
+                group_id = self._group_of[rid][0]
+                self._fail_group(group_id, e)
+                outputs += self._collect([group_id], final_only=False)
+        return outputs
+
+    def _fail_group(self, group_id: str, error: Exception) -> None:
+        """End all of a request's samples with finish_reason "error"; their blocks are freed."""
+        group = self.groups[group_id]
+        group.error = f"{type(error).__name__}: {error}"
+        self.scheduler.finish_requests([s.request.request_id for s in group.seqs], RequestStatus.FINISHED_ERROR)
 
     def _settle_transfers(self, wait: bool = False) -> None:
         """Release what the completed steps' copies protected (wait: for all of them first)."""
@@ -348,7 +435,12 @@ class LLMEngine:
         touched: dict[str, None] = {}
         for req in updated:
             group_id, seq = self._group_of[req.request_id]
-            self._apply_one(seq, sampled[req.request_id])
+            try:
+                self._apply_one(seq, sampled[req.request_id])
+            except Exception as e:  # noqa: BLE001 - its own text or logprobs: fail it alone
+                logger.error("kvtier: request %s failed while its token was applied", req.request_id,
+                             exc_info=True)
+                self._fail_group(group_id, e)
             touched[group_id] = None
         return list(touched)
 
@@ -374,7 +466,7 @@ class LLMEngine:
                                          seq.cumulative_logprob if seq.logprobs is not None else None))
         first = group.seqs[0].request
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
-                             group.finished, first.metrics)
+                             group.finished, first.metrics, group.error)
 
     # -- inspection -----------------------------------------------------------------------------
 

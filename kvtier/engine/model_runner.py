@@ -99,12 +99,13 @@ class ModelRunner:
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
         inputs = None if plan.is_empty else self.prepare_inputs(plan.scheduled)
         ready = self.transfers.before_forward(plan.transfers) if self.transfers is not None else None
-        out = RunnerOutput({}) if inputs is None else self._execute(inputs, ready)
-        if ready is not None:
-            ready.wait_all()  # later work on this stream comes after every copy (the forward waited per layer)
-        if self.transfers is not None:
-            self.transfers.after_forward(plan.transfers)
-        return out
+        try:
+            return RunnerOutput({}) if inputs is None else self._execute(inputs, ready)
+        finally:  # also when the forward or the sampler raised: the step's copies still complete
+            if ready is not None:
+                ready.wait_all()  # later work on this stream comes after every copy (the forward waited per layer)
+            if self.transfers is not None:
+                self.transfers.after_forward(plan.transfers)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         if self.device.type != "cuda" or self.attention_backend != "triton":

@@ -8,18 +8,19 @@ import torch
 from torch import nn
 
 from kvtier.ops import fused
-from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref
+from kvtier.ops.attention import AttentionMetadata, paged_attention_sdpa, write_kv_ref
 
 ATTENTION_BACKENDS = ("torch", "triton")
 
 
 def _backend_fns(name: str):
-    """(write_kv, paged_attention) of a backend; Triton is imported only when chosen."""
+    """(write_kv, paged_attention) of a backend; Triton is imported only when chosen. "torch" is
+    torch's fused SDPA (the CPU's path), not the plain reference the kernels are tested against."""
     if name == "triton":
         from kvtier.ops import triton_attention as ta
         return ta.write_kv, ta.paged_attention
     if name == "torch":
-        return write_kv_ref, paged_attention_ref
+        return write_kv_ref, paged_attention_sdpa
     raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
 
 

@@ -12,7 +12,16 @@ One step's tokens are flattened across sequences:
     seq_lens:         3        17  12             context length after this step's tokens
 
 Query j of a sequence with q_len new tokens and seq_len context sits at position
-seq_len - q_len + j and attends to keys 0..that position (causal).
+seq_len - q_len + j and attends to keys 0..that position (causal):
+
+    keys      0 1 2 3 4 5        seq_len 6, q_len 3 (a chunk over a cached prefix of 3)
+    query 0   x x x x . .        position 3
+    query 1   x x x x x .        position 4
+    query 2   x x x x x x        position 5
+
+Two implementations with one contract: `paged_attention_ref`, the plain reference (explicit fp32
+scores, mask, softmax; kernels are tested against it), and `paged_attention_sdpa`, the torch
+backend the engine runs (on the CPU above all), through fused scaled_dot_product_attention.
 
 This module imports nothing from kvtier.
 """
@@ -23,6 +32,7 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclasses.dataclass
@@ -75,6 +85,13 @@ def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) 
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
 
 
+def gather_padded_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """(num_blocks, bs, Hkv, D) + (B, max_blocks) -> (B, Hkv, L, D), L = max_seq_len rounded up to
+    whole blocks; the positions past a sequence's length hold whatever its table points at."""
+    num_blocks = -(-max_seq_len // cache.shape[1])
+    return cache[block_tables[:, :num_blocks].long()].flatten(1, 2).transpose(1, 2)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             scale: float) -> torch.Tensor:
     """q (..., Hkv, G, Lq, D), k/v (..., Hkv, Lk, D), mask (..., 1, 1, Lq, Lk) bool -> like q."""
@@ -91,17 +108,23 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if meta.is_decode_only:
         return _decode_ref(q, k_cache, v_cache, meta, scale, sliding_window)
     out = torch.empty_like(q)
-    starts = meta.query_start_loc.tolist() if not meta.query_lens_list else None
-    seq_lens = meta.seq_lens_list or meta.seq_lens.tolist()
-    start = 0
-    for b, seq_len in enumerate(seq_lens):
-        q_len = meta.query_lens_list[b] if starts is None else starts[b + 1] - starts[b]
-        if q_len == 0:
-            continue
+    for b, start, q_len, seq_len in _query_spans(meta):
         out[start:start + q_len] = _prefill_one(q[start:start + q_len], k_cache, v_cache,
                                                 meta.block_tables[b], seq_len, scale, sliding_window)
-        start += q_len
     return out
+
+
+def _query_spans(meta: AttentionMetadata) -> list[tuple[int, int, int, int]]:
+    """(sequence, first query row, q_len, seq_len) of every sequence with queries in this step."""
+    starts = meta.query_start_loc.tolist() if not meta.query_lens_list else None
+    seq_lens = meta.seq_lens_list or meta.seq_lens.tolist()
+    spans, start = [], 0
+    for b, seq_len in enumerate(seq_lens):
+        q_len = meta.query_lens_list[b] if starts is None else starts[b + 1] - starts[b]
+        if q_len:
+            spans.append((b, start, q_len, seq_len))
+        start += q_len
+    return spans
 
 
 def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -139,13 +162,85 @@ def _prefill_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
     """All sequences have one query: gather every context padded to max_seq_len at once."""
-    num_seqs, block_size, num_kv_heads = q.shape[0], k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-meta.max_seq_len // block_size)
-    table = meta.block_tables[:, :num_blocks].long()
-    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
+    k = gather_padded_kv(k_cache, meta.block_tables, meta.max_seq_len)  # (B, Hkv, L, D)
+    v = gather_padded_kv(v_cache, meta.block_tables, meta.max_seq_len)
     k_pos = torch.arange(k.shape[2], device=q.device)
     q_pos = (meta.seq_lens.long() - 1).unsqueeze(-1)  # (B, 1)
     mask = _causal_mask(q_pos, k_pos.expand(num_seqs, -1), sliding_window)  # (B, 1, L)
     qg = _group(q.unsqueeze(1), num_kv_heads)  # (B, Hkv, G, 1, D)
     return _ungroup(_attend(qg, k, v, mask[:, None, None], scale)).squeeze(1)
+
+
+# -- the torch backend: fused SDPA ------------------------------------------------------------------
+#
+# On the CPU, scaled_dot_product_attention runs a flash kernel that works in tiles of queries and
+# keys with an online softmax: no (Hq, Lq, Lk) fp32 score matrix is written and read back four times
+# (scale, mask, softmax, matmul), and with is_causal the tiles above the diagonal are skipped. It
+# takes that kernel only for 4-D inputs; enable_gqa (torch >= 2.5) sends the CPU to the unfused math
+# path, so GQA is a stride-0 view instead: K/V (Hkv, L, D) -> (Hkv, G, L, D), no copy, queries
+# grouped by their KV head as (Hkv, G, Lq, D).
+
+def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float,
+                         sliding_window: int | None = None) -> torch.Tensor:
+    """paged_attention_ref's contract: q (T, Hq, D) -> (T, Hq, D), this step's K/V already cached.
+
+    Decodes (one query) attend in one batched call, a mixed step's too; longer queries one call each."""
+    if meta.is_decode_only:
+        return _decode_sdpa(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len,
+                            scale, sliding_window)
+    out = torch.empty_like(q)
+    spans = _query_spans(meta)
+    decodes = [span for span in spans if span[2] == 1]
+    if len(decodes) > 1:
+        rows = torch.tensor([start for _, start, _, _ in decodes], device=q.device)
+        seqs = torch.tensor([b for b, _, _, _ in decodes], device=q.device)
+        max_seq_len = max(seq_len for _, _, _, seq_len in decodes)
+        out[rows] = _decode_sdpa(q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
+                                 max_seq_len, scale, sliding_window)
+    for b, start, q_len, seq_len in spans:
+        if q_len > 1 or len(decodes) == 1:
+            out[start:start + q_len] = _prefill_one_sdpa(q[start:start + q_len], k_cache, v_cache,
+                                                         meta.block_tables[b], seq_len, scale, sliding_window)
+    return out
+
+
+def _grouped_kv(kv: torch.Tensor, group: int) -> torch.Tensor:
+    """(..., Hkv, L, D) -> (..., Hkv, G, L, D) as a view: each KV head read by its G query heads."""
+    return kv.unsqueeze(-3).expand(*kv.shape[:-2], group, *kv.shape[-2:])
+
+
+def _prefill_one_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_len: int, scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """q (Lq, Hq, D) of one sequence -> (Lq, Hq, D)."""
+    q_len, num_kv_heads = q.shape[0], k_cache.shape[2]
+    qg = _group(q, num_kv_heads)  # (Hkv, G, Lq, D)
+    k = _grouped_kv(gather_kv_ref(k_cache, block_table, seq_len).transpose(0, 1), qg.shape[1])  # (Hkv, G, L, D)
+    v = _grouped_kv(gather_kv_ref(v_cache, block_table, seq_len).transpose(0, 1), qg.shape[1])
+    mask = None
+    # is_causal aligns the diagonal top-left (query j sees keys 0..j): right only when the queries
+    # are the whole context. Otherwise (a chunk over a cached prefix, a window) an explicit mask.
+    if sliding_window is not None or 1 < q_len < seq_len:
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = _causal_mask(q_pos, torch.arange(seq_len, device=q.device), sliding_window)  # (Lq, L)
+    is_causal = mask is None and q_len > 1
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return _ungroup(o)
+
+
+def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, scale: float,
+                 sliding_window: int | None) -> torch.Tensor:
+    """One query per sequence, q (B, Hq, D) -> (B, Hq, D). Contexts padded to max_seq_len; the G
+    query heads of a KV head are its "query length", so K/V are read once per KV head."""
+    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
+    k = gather_padded_kv(k_cache, block_tables, max_seq_len)  # (B, Hkv, L, D)
+    v = gather_padded_kv(v_cache, block_tables, max_seq_len)
+    k_pos = torch.arange(k.shape[2], device=q.device)
+    q_pos = (seq_lens.long() - 1).unsqueeze(-1)  # (B, 1)
+    mask = _causal_mask(q_pos, k_pos.expand(num_seqs, -1), sliding_window)  # (B, 1, L)
+    qg = q.reshape(num_seqs, num_kv_heads, -1, q.shape[-1])  # (B, Hkv, G, D)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], scale=scale)  # (B, Hkv, G, D)
+    return o.reshape(q.shape)

@@ -68,13 +68,15 @@ class Scheduler:
 
     # -- planning -----------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, only: frozenset[str] | None = None) -> SchedulerOutput:
+        """The next step's plan. `only`: schedule just these requests (the engine isolating the
+        request that made a step fail); the others keep their blocks and wait."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
-        budget = self._schedule_running(budget, scheduled, preempted)
+        budget = self._schedule_running(budget, scheduled, preempted, only)
         if not preempted:
-            self._schedule_waiting(budget, scheduled)
+            self._schedule_waiting(budget, scheduled, only)
         out = SchedulerOutput([self._plan(r, n) for r, n in scheduled],
                               [r.request_id for r in preempted], self._finished_ids,
                               self.kv_cache.take_transfers(self.num_steps))
@@ -82,10 +84,14 @@ class Scheduler:
         self.num_steps += 1
         return out
 
-    def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
+    def _schedule_running(self, budget: int, scheduled: list, preempted: list,
+                          only: frozenset[str] | None) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if only is not None and request.request_id not in only:
+                i += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()
@@ -107,7 +113,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, budget: int, scheduled: list) -> None:
+    def _schedule_waiting(self, budget: int, scheduled: list, only: frozenset[str] | None) -> None:
+        if only is not None:  # admit only those; the queue keeps its order
+            queued = list(self.waiting)
+            self.waiting = collections.deque(r for r in queued if r.request_id in only)
+            try:
+                self._schedule_waiting(budget, scheduled, None)
+            finally:
+                self.waiting = collections.deque(r for r in queued if r.status != RequestStatus.RUNNING)
+            return
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hit = self.kv_cache.get_computed_blocks(request)

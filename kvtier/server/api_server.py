@@ -1,15 +1,21 @@
 """The FastAPI app of `kvtier serve` and the ways to run it (foreground, or a background thread).
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models (OpenAI); /health, /tokenize,
-/detokenize, /metrics, /version (vLLM's extras). Only /v1 needs the API key, as in vLLM.
+/detokenize, /metrics, /version (vLLM's extras). /health and /metrics answer from the stats the
+engine thread publishes after each step, never by waiting for one.
+
+Shutdown (SIGTERM, Ctrl-C): stop accepting, give running requests --shutdown-timeout seconds,
+then end them with an error event (streams) or a 503, and exit 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 import time
+from types import FrameType
 from typing import Any, AsyncIterator
 
 import uvicorn
@@ -73,6 +79,8 @@ def _add_extra_routes(app: FastAPI, serving: OpenAIServing, engine: AsyncEngine,
     async def health() -> Response:
         if not engine.is_running:
             return error_response(503, "the engine loop is not running", code="engine_dead")
+        if engine.draining:  # load balancers stop sending here
+            return error_response(503, "the server is shutting down", code="server_shutting_down")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -80,23 +88,55 @@ def _add_extra_routes(app: FastAPI, serving: OpenAIServing, engine: AsyncEngine,
         return {"version": kvtier.__version__}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return serving.tokenize(body)
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await serving.tokenize(body)
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return serving.detokenize(body)
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await serving.detokenize(body)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        stats = await engine.call(lambda e: e.stats())  # on the engine thread: a consistent snapshot
-        return Response(metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+        # the snapshot the engine thread published after its last step: consistent, and never waits
+        return Response(metrics.render(engine.latest_stats), media_type=CONTENT_TYPE_LATEST)
+
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, which on a shutdown signal also starts the engine's drain: new requests
+    are refused at once, running ones get `shutdown_timeout_s` to finish, then end with an error
+    event, so uvicorn's own wait for open connections ends within the bound."""
+
+    def __init__(self, app: FastAPI, shutdown_timeout_s: float, **config: Any):
+        # uvicorn's own bound is a backstop only: past it, it cuts connections without a word
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout_s + 3, **config))
+        self.app, self.shutdown_timeout_s = app, shutdown_timeout_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self.begin_drain()
+
+    def begin_drain(self) -> None:
+        self.app.state.engine.drain_threadsafe(self.shutdown_timeout_s)
 
 
 def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
-    """Run in the foreground until interrupted (Ctrl-C stops it gracefully)."""
-    uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level)
+          log_level: str = "info", shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    """Run in the foreground until SIGTERM or Ctrl-C, then shut down within `shutdown_timeout_s`
+    (plus a few seconds) and return normally."""
+    server = GracefulServer(create_app(llm, config), shutdown_timeout_s, host=host, port=port,
+                            log_level=log_level)
+    # uvicorn re-raises the signal that stopped it once it is done, with the handler it found
+    # installed; this one makes that a no-op, so a graceful shutdown ends the process with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _already_shut_down)
+    server.run()
+
+
+def _already_shut_down(sig: int, frame: FrameType | None) -> None:
+    pass
 
 
 class BackgroundServer:

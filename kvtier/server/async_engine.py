@@ -7,8 +7,13 @@
     OutputStream <── call_soon_threadsafe(_deliver) ─ RequestOutputs of the step
 
 Ownership: only the engine thread touches the LLMEngine (it is not thread-safe); only the event loop
-touches `_streams` and the metrics. A step that raises fails the requests in flight (their
-streams raise EngineError, answered with a 500) and the loop keeps serving.
+touches `_streams` and the metrics. After every round of commands and steps the engine thread
+publishes a stats snapshot, so /health and /metrics answer without waiting for a step.
+
+Failures: the engine ends a request that fails inside a step by itself (finish_reason "error",
+its stream raises EngineError) while the others go on; only a step failure no request can be
+blamed for fails every request in flight, and the loop keeps serving. Shutdown (`drain`) refuses
+new requests and gives the running ones a bounded time before ending them with an error.
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ _STOP = object()
 
 
 class EngineError(RuntimeError):
-    """The engine failed while running a request (or was shut down under it)."""
+    """The engine failed while running a request (or was shut down under it); `status` and `code`
+    are what the client is told."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "internal_error"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _shutting_down(message: str) -> EngineError:
+    return EngineError(message, 503, "server_shutting_down")
 
 
 class QueueFullError(RuntimeError):
@@ -96,6 +110,8 @@ class AsyncEngine:
         self._num_waiting_first_token = 0  # admitted requests without their first token yet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.latest_stats: dict[str, int | float] = engine.stats()  # replaced whole by the engine thread
+        self.draining = False  # set by drain(): no new requests
 
     # -- life cycle (event loop) ----------------------------------------------------------------
 
@@ -104,11 +120,36 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, join_timeout_s: float = 10.0) -> None:
         self._commands.put(_STOP)
         if self._thread is not None:
-            self._thread.join()
-        self._fail(list(self._streams), EngineError("the server is shutting down"))
+            self._thread.join(join_timeout_s)  # a step in a hung kernel must not hang the exit
+        self._fail(list(self._streams), _shutting_down("the server shut down before this request finished"))
+
+    def drain(self, timeout_s: float) -> None:
+        """Begin a graceful shutdown (event loop): refuse new requests at once; end the ones still
+        running after `timeout_s` with an error, so their clients get an error event, not a cut
+        connection."""
+        if self.draining:
+            return
+        self.draining = True
+        logger.warning("kvtier: shutting down; %d requests in flight get %.0f s to finish (--shutdown-timeout)",
+                       len(self._streams), timeout_s)
+        self._loop.call_later(timeout_s, self._expire, timeout_s)
+
+    def drain_threadsafe(self, timeout_s: float) -> None:
+        """drain() from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.drain, timeout_s)
+
+    def _expire(self, timeout_s: float) -> None:
+        request_ids = list(self._streams)
+        if request_ids:
+            logger.warning("kvtier: ending %d requests still running after %.0f s", len(request_ids), timeout_s)
+        for request_id in request_ids:
+            self._commands.put(lambda rid=request_id: self._abort(rid))
+        self._fail(request_ids, _shutting_down(f"the server shut down before this request finished "
+                                               f"(--shutdown-timeout {timeout_s:g} s)"))
 
     @property
     def is_running(self) -> bool:
@@ -119,7 +160,9 @@ class AsyncEngine:
     def add_requests(self, requests: list[EngineRequest]) -> OutputStream:
         """Queue all of one HTTP request's engine requests, or none (raises QueueFullError, EngineError)."""
         if not self.is_running:
-            raise EngineError("the engine loop is not running")
+            raise EngineError("the engine loop is not running", 503, "engine_unavailable")
+        if self.draining:
+            raise _shutting_down("the server is shutting down and accepts no new requests")
         limit = self.max_waiting_requests
         if limit is not None and self._num_waiting_first_token + len(requests) > limit:
             raise QueueFullError(f"the server has {self._num_waiting_first_token} requests waiting for "
@@ -162,6 +205,10 @@ class AsyncEngine:
             tracked = self._streams.get(out.request_id)
             if tracked is None:
                 continue  # aborted while the step ran
+            if out.error is not None:  # this request alone failed inside a step
+                self._fail([out.request_id], EngineError(f"the engine failed while running this request: "
+                                                         f"{out.error}"))
+                continue
             self._mark_started(tracked)
             self.metrics.observe(tracked.timer, out, now)
             if out.finished:
@@ -188,6 +235,7 @@ class AsyncEngine:
             while self._run_commands(block=not self._in_engine):
                 if self._in_engine:
                     self._step()
+                self.latest_stats = self.engine.stats()
         except BaseException:  # a bug: say so loudly, and let no request wait forever
             logger.critical("the engine loop died", exc_info=True)
             self._post(lambda: self._fail(list(self._streams), EngineError("the engine loop died")))
@@ -214,7 +262,7 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception as e:  # the engine could blame no single request: fail them all
             logger.exception("engine step failed; failing the %d requests in flight", len(self._in_engine))
             self._fail_in_engine(EngineError(f"the engine failed while running this request: "
                                              f"{type(e).__name__}: {e}"))

@@ -1,4 +1,4 @@
-"""ASGI middleware: API key check on /v1 routes, and the request body size limit.
+"""ASGI middleware: the API key check, and the request body size limit.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed responses and
 hide client disconnects from the handlers.
@@ -13,23 +13,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvtier.server.errors import error_response
 
 
+# Routes anyone may call, as in vLLM: they run no model and read no tokenizer. Every other route, those
+# added later included, needs the key (/tokenize and /detokenize run the engine's tokenizer).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
 class APIKeyMiddleware:
-    """401 unless `Authorization: Bearer KEY`; like vLLM only /v1 is guarded (/health, /metrics stay open)."""
+    """401 unless `Authorization: Bearer KEY`, on every route but OPEN_PATHS."""
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no key-guessing by timing
-                message = ("missing API key; send `Authorization: Bearer <key>`" if not given
-                           else "invalid API key")
-                response = error_response(401, message, code="invalid_api_key",
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            refusal = self._refusal(dict(scope["headers"]).get(b"authorization", b""))
+            if refusal:
+                response = error_response(401, refusal, code="invalid_api_key",
                                           headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _refusal(self, header: bytes) -> str | None:
+        """Why the Authorization header does not carry the key; None when it does."""
+        if not header:
+            return "missing API key; send `Authorization: Bearer <key>`"
+        scheme, _, key = header.partition(b" ")
+        if scheme.lower() != b"bearer":  # auth schemes are case-insensitive (RFC 7235)
+            return "the Authorization header must use the Bearer scheme: `Authorization: Bearer <key>`"
+        if not hmac.compare_digest(key.strip(b" "), self.expected):  # constant time: no guessing by timing
+            return "invalid API key; send the key the server was started with: `Authorization: Bearer <key>`"
+        return None
 
 
 class BodySizeLimitMiddleware:

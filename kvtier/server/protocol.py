@@ -3,22 +3,40 @@
 Unknown fields are refused (400), never silently ignored. Fields OpenAI defines but kvtier cannot
 honour (penalties other than repetition_penalty, logit_bias, tools, ...) are accepted only at their
 no-op values; anything else is a 400 that says what to use instead.
+
+Each field is checked once: its type and what JSON alone can get wrong (lone surrogates, NaN, Infinity)
+here; sampling ranges in SamplingParams; ids against the vocabulary in LLMEngine.check_sampling_params.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
-from kvtier.sampling_params import SamplingParams
-from kvtier.server.errors import APIError
+from kvtier.sampling_params import SamplingParamError, SamplingParams
+from kvtier.server.errors import LONE_SURROGATE, UNSUPPORTED_CONTENT, APIError
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer and no UTF-8 encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(LONE_SURROGATE, "contains a lone surrogate {char}, which is not valid Unicode; "
+                                  "send valid UTF-8 text", {"char": f"U+{ord(text[e.start]):04X}"}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every str of a request body is one of these
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's json reads NaN and Infinity; no float field means anything with them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -28,7 +46,7 @@ class StreamOptions(_Strict):
 
 class GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     n: int = 1
     temperature: float | None = None
@@ -39,7 +57,7 @@ class GenerationRequest(_Strict):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -48,8 +66,8 @@ class GenerationRequest(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    cache_salt: str | None = Field(None, description="keeps one tenant's prefix cache from serving another")
+    user: Text | None = None
+    cache_salt: Text | None = Field(None, description="keeps one tenant's prefix cache from serving another")
     return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to each choice
 
     def check_unsupported(self) -> None:
@@ -70,37 +88,37 @@ class GenerationRequest(_Strict):
     def continuous_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises APIError(400) naming the bad parameter."""
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise APIError(400, f"logprobs={logprobs} must be in [0, {MAX_LOGPROBS}]", "logprobs")
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        check: Callable[[SamplingParams], None]) -> SamplingParams:
+        """Raises APIError(400) naming the bad parameter; `check` adds the engine's checks (the vocabulary)."""
         optional = {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p),
                                       ("top_k", self.top_k), ("min_p", self.min_p),
                                       ("repetition_penalty", self.repetition_penalty)) if v is not None}
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens, **optional)
-        except ValueError as e:
-            raise APIError(400, str(e), _param_of(str(e)), "invalid_value") from e
+            check(params)
+            return params
+        except SamplingParamError as e:
+            name = self.api_name(e.name)
+            raise APIError(400, f"invalid {name}={e.value!r}: {e.rule}", name, "invalid_value") from e
 
-
-def _param_of(message: str) -> str | None:
-    """SamplingParams says 'invalid sampling parameter NAME=...'; OpenAI's `param` is that NAME."""
-    prefix = "invalid sampling parameter "
-    return message[len(prefix):].split("=", 1)[0] if message.startswith(prefix) else None
+    def api_name(self, name: str) -> str:
+        """The request field that set SamplingParams' field `name`."""
+        return name
 
 
 class CompletionRequest(GenerationRequest):
     # One prompt as text or token ids, or a batch of either.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -124,13 +142,26 @@ class CompletionRequest(GenerationRequest):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
+
+
+_MEDIA = {"image_url": "image", "input_audio": "audio", "video_url": "video", "file": "file"}
+
+
+def _text_only(part: Any) -> Any:
+    """Name the modality kvtier lacks, rather than pydantic's "Input should be 'text'"."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if isinstance(kind, str) and kind != "text":
+        what = f"{_MEDIA[kind]} inputs are" if kind in _MEDIA else f"content parts of type {kind!r} are"
+        raise PydanticCustomError(UNSUPPORTED_CONTENT, "{what} not supported by kvtier; send text parts only",
+                                  {"what": what})
+    return part
 
 
 class ChatMessage(_Strict):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[Annotated[TextPart, BeforeValidator(_text_only)]] | None = None
+    name: Text | None = None
 
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else \
@@ -145,7 +176,7 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -172,15 +203,18 @@ class ChatCompletionRequest(GenerationRequest):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def api_name(self, name: str) -> str:
+        return {"logprobs": "top_logprobs", "max_tokens": self.requested_max_tokens[1]}.get(name, name)
+
 
 class TokenizeRequest(_Strict):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]

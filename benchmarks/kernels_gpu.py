@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -30,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvtier.benchmarks.gpu_script import script_device  # noqa: E402
-from kvtier.offload.hardware import matmul_flops, memory_bandwidth  # noqa: E402
+from kvtier.offload.hardware import matmul_flops, memory_bandwidth, time_ms  # noqa: E402
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref  # noqa: E402
 
 REL_TOL = 1e-2
@@ -110,34 +109,15 @@ def make_inputs(case: Case, shape: Shape, device: torch.device, gen: torch.Gener
 # ------------------------------------------------------------------------------------ timing
 
 class Timer:
-    """Median of `iters` runs after `warmup`; on CUDA with events and an L2 flush before each."""
+    """Median of `iters` runs after `warmup`, issued back to back, with an L2 flush before each."""
 
     def __init__(self, device: torch.device, warmup: int, iters: int):
-        self.cuda = device.type == "cuda"
-        self.warmup, self.iters = warmup, iters
-        flush_bytes = L2_FLUSH_BYTES if self.cuda else 1 << 20
+        self.device, self.warmup, self.iters = device, warmup, iters
+        flush_bytes = L2_FLUSH_BYTES if device.type == "cuda" else 1 << 20
         self.flush_buf = torch.empty(flush_bytes, dtype=torch.uint8, device=device)
 
     def median_ms(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            self.flush_buf.zero_()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                times.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        if self.cuda:
-            torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) for s, e in times)
-        return statistics.median(times) * 1e3
+        return time_ms(fn, self.device, self.iters, self.warmup, setup=self.flush_buf.zero_, back_to_back=True)
 
 
 def graph_of(fn, device: torch.device):
@@ -190,7 +170,10 @@ def run_write_kv(ta, x: Inputs, case: Case, timer: Timer) -> dict:
 def run_attention(ta, x: Inputs, case: Case, shape: Shape, timer: Timer, hw: dict,
                   device: torch.device) -> dict:
     scale = shape.head_dim ** -0.5
-    fn = (lambda: ta.paged_attention(x.q, x.k_cache, x.v_cache, x.meta, scale))
+
+    def fn() -> torch.Tensor:
+        return ta.paged_attention(x.q, x.k_cache, x.v_cache, x.meta, scale)
+
     err = rel_error(fn(), reference(x, scale))
     row = {"name": case.name, "kernel": f"paged_{case.kind}_attention", "batch": case.batch,
            "context": case.context, "new_tokens": case.new, "rel_err": err, "ok": err <= REL_TOL,
@@ -225,7 +208,7 @@ def sweep_splits(ta, x: Inputs, case: Case, shape: Shape, timer: Timer) -> dict:
         if n > 1 and -(-x.meta.max_seq_len // n) < 16:
             break
         times[str(n)] = timer.median_ms(lambda: ta.paged_decode_attention(
-            x.q, x.k_cache, x.v_cache, x.meta, scale, num_splits=n))
+            x.q, x.k_cache, x.v_cache, x.meta, scale, num_splits=n))  # noqa: B023 (called at once)
     return times
 
 

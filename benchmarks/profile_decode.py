@@ -7,8 +7,8 @@ and the engine's own bookkeeping. Synchronizes around each part, so totals excee
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import os
 import pstats
 import sys
@@ -52,7 +52,8 @@ def main() -> None:
     for r in reqs:
         engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=args.output_len,
                                                               ignore_eos=True))
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+    sched = engine.scheduler
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
         engine.step()  # prefill
     runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs, dev)
     runner._logits = timed("forward", runner._logits, dev)

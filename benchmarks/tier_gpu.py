@@ -30,31 +30,13 @@ from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
 from kvtier.engine import transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
-from kvtier.offload.hardware import host_link_bandwidth  # noqa: E402
+from kvtier.offload.hardware import host_link_bandwidth, time_ms  # noqa: E402
 from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
 
 
-class Clock:
-    """CUDA events on the current stream on a GPU; perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time_ms(self, fn) -> float:
-        if not self.cuda:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def pinned_rate(device, nbytes=256 << 20) -> dict:
@@ -106,7 +88,8 @@ def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: i
         out[f"{direction}_GBps"] = num_blocks * eng.block_bytes / ms / 1e6
     # byte-exact: the blocks that went out and came back equal the GPU originals
     back = eng.cpu_blocks[cpu_ids].to(dev)
-    out["exact"] = bool(torch.equal(back.view(torch.int16), eng.gpu_blocks[gpu_ids].reshape(back.shape).view(torch.int16)))
+    original = eng.gpu_blocks[gpu_ids].reshape(back.shape)
+    out["exact"] = bool(torch.equal(back.view(torch.int16), original.view(torch.int16)))
     return out
 
 
@@ -132,7 +115,7 @@ def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
 def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: int) -> dict:
     """Each pass alone, then with a reload / store of num_blocks issued just before it on the copy
     streams (the pass does not wait for it): slowdown of the pass and the copy's own rate."""
-    eng, clock = llm.engine.runner.transfers, Clock(llm.engine.device)
+    eng, dev = llm.engine.runner.transfers, llm.engine.device
     ng, nc = eng.gpu_blocks.shape[0], eng.num_cpu_blocks
     gpu_ids = list(range(first_free_block, min(ng, first_free_block + num_blocks)))
     pairs = list(zip(gpu_ids, torch.randperm(nc)[:len(gpu_ids)].tolist()))
@@ -141,20 +124,17 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
         for name, fn in fns.items():
             for _ in range(3):
                 fn()
-            clock.sync()
-            alone = []
-            for _ in range(reps):
-                alone.append(clock.time_ms(fn))
-            out[f"{name}_alone_ms"] = statistics.median(alone)
+            sync(dev)
+            out[f"{name}_alone_ms"] = time_ms(fn, dev, iters=reps, warmup=0)
             for direction in ("to_gpu", "to_cpu"):
                 passes, rates = [], []
                 for _ in range(reps):
-                    clock.sync()
+                    sync(dev)
                     flight = _InFlight(-1, [])
                     if eng.on_gpu:
                         # the copy stream must not wait on earlier work: it starts with the pass
                         eng._issue(direction, pairs, flight, split=False)
-                    passes.append(clock.time_ms(fn))
+                    passes.append(time_ms(fn, dev, iters=1, warmup=0))
                     eng.synchronize()
                     if eng.on_gpu:
                         _, start, end = flight.timed[0]
@@ -185,7 +165,7 @@ def ttft(llm: LLM, prefix_len: int, tail: int, reps: int, evictors: int) -> dict
             llm.generate([fresh(prefix_len + tail)], one, use_tqdm=False)
         again = prompt[:prefix_len] + fresh(tail)
         llm.engine.step_log, gc_pauses = [], []  # where a slow hit's time went: steps, collections
-        hit = _with_gc_pauses(gc_pauses, lambda: llm.generate([again], one, use_tqdm=False)[0].metrics)
+        hit = _with_gc_pauses(gc_pauses, lambda: llm.generate([again], one, use_tqdm=False)[0].metrics)  # noqa: B023
         steps, llm.engine.step_log = llm.engine.step_log, None
         if rep:
             runs.append({"recompute_ttft_s": recompute.ttft_s, "cpu_hit_ttft_s": hit.ttft_s,

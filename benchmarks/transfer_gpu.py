@@ -51,6 +51,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvtier.benchmarks.gpu_script import script_device  # noqa: E402
+from kvtier.offload.hardware import time_ms  # noqa: E402
 
 DTYPE = torch.bfloat16
 DIRECTIONS = ("reload", "store")
@@ -107,7 +108,7 @@ class Clock:
     """Marks on the current stream: CUDA events on a GPU, perf_counter on the CPU (synchronous)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
 
     def mark(self):
         if self.cuda:
@@ -145,20 +146,14 @@ class Clock:
 
 
 def median_ms(clock: Clock, fn, warmup: int, iters: int, stream=None) -> float:
-    """Median time of fn() on `stream` (default: the current one), marks recorded on that stream."""
+    """Median time of fn() on `stream` (default: the current one), calls back to back, timed on that stream."""
     clock.sync()
     clock.fork(stream)
     with clock.on(stream):
-        for _ in range(warmup):
-            fn()
-        marks = []
-        for _ in range(iters):
-            start = clock.mark()
-            fn()
-            marks.append((start, clock.mark()))
+        ms = time_ms(fn, clock.device, iters, warmup, back_to_back=True)
     clock.join(stream)
     clock.sync()
-    return statistics.median(clock.ms(a, b) for a, b in marks)
+    return ms
 
 
 def gbps(num_bytes: float, ms: float) -> float:

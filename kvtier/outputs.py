@@ -26,7 +26,7 @@ class RequestMetrics:
     def e2e_s(self) -> float | None:
         return None if self.finished_time is None else self.finished_time - self.arrival_time
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {"ttft_s": self.ttft_s, "e2e_s": self.e2e_s,
                 "num_prompt_tokens": self.num_prompt_tokens,
                 "num_cached_tokens": self.num_cached_tokens,

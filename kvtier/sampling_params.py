@@ -54,7 +54,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         low_rp, high_rp = REPETITION_PENALTY_RANGE
-        bad_stop_ids = [t for t in self.stop_token_ids if not (isinstance(t, int) and t >= 0)]
+        # `or ()` only narrows the declared types: __post_init__ has made both lists already
+        bad_stop_ids = [t for t in self.stop_token_ids or () if not (isinstance(t, int) and t >= 0)]
         checks = [  # written so that NaN fails every one of them
             (1 <= self.n <= MAX_N, "n", self.n, f"must be in [1, {MAX_N}]"),
             (0 <= self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature,
@@ -72,7 +73,7 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              self.min_tokens, f"must be <= max_tokens ({self.max_tokens})"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "must be >= 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+            (all(isinstance(s, str) and s for s in self.stop or ()), "stop", self.stop,
              "must be non-empty strings"),
             (not bad_stop_ids, "stop_token_ids", bad_stop_ids[:5], "must be token ids (integers >= 0)"),
         ]
@@ -84,7 +85,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
-    def child(self, index: int) -> "SamplingParams":
+    def child(self, index: int) -> SamplingParams:
         """Params of the index-th of n samples: n=1, and a distinct seed when seeded.
 
         The seed wraps around within int64, so the children of every accepted seed are accepted too; torch

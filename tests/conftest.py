@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
+import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,9 +19,79 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_NAMES = ("tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-llama31", "tiny-mistral")
 
+# -- the integrity check of both tiers after every test ------------------------------------------
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every LLMEngine still alive
+_ASYNC_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every server AsyncEngine still alive
+_BUILT_IN_TEST: list = []  # kept alive until the test's check: a test's own engines die with its locals
+
+
+def _recording(init, registry: weakref.WeakSet):
+    @functools.wraps(init)
+    def init_and_record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        registry.add(self)
+        _BUILT_IN_TEST.append(self)
+    return init_and_record
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_engines():
+    """Record each engine as it is built; session-scoped and first, so that the engines of session
+    and module fixtures are recorded too."""
+    from kvtier.engine.llm_engine import LLMEngine
+    patch = pytest.MonkeyPatch()
+    patch.setattr(LLMEngine, "__init__", _recording(LLMEngine.__init__, _ENGINES))
+    try:  # the GPU machine has no server packages (uvicorn): there only engines are checked
+        from kvtier.server.async_engine import AsyncEngine
+    except ImportError:
+        pass
+    else:
+        patch.setattr(AsyncEngine, "__init__", _recording(AsyncEngine.__init__, _ASYNC_ENGINES))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _check_engine_integrity(_track_engines):
+    """After each test, the block accounting of both tiers of every engine still alive (fixtures'
+    engines included). An engine that a running server drives is checked on its engine thread,
+    between two steps; any other is idle and is checked here."""
+    _BUILT_IN_TEST.clear()  # those of fixtures set up before this test stay alive in their fixtures
+    yield
+    served = {id(ae.engine): ae for ae in list(_ASYNC_ENGINES) if ae.is_running}
+    engines = {id(e): e for e in [*_ENGINES, *_BUILT_IN_TEST] if hasattr(e, "kv_cache")}
+    _BUILT_IN_TEST.clear()
+    for engine in engines.values():
+        try:
+            if id(engine) in served:
+                _check_on_engine_thread(served[id(engine)])
+            else:
+                engine.check_integrity()
+        except BaseException:
+            _ENGINES.discard(engine)  # reported once, by the test that broke it
+            raise
+
+
+def _check_on_engine_thread(async_engine, timeout_s: float = 10.0) -> None:
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def check() -> None:
+        try:
+            async_engine.engine.check_integrity()
+            done.set_result(None)
+        except BaseException as e:  # re-raised in the test's thread
+            done.set_exception(e)
+    async_engine._commands.put(check)  # what AsyncEngine.call does, without needing its event loop
+    try:
+        done.result(timeout_s)
+    except concurrent.futures.TimeoutError:  # a step that a test made hang: nothing to check
+        warnings.warn(f"engine integrity not checked: its thread was busy for {timeout_s} s", stacklevel=1)
+
 
 def make_hf_model(name: str, seed: int = 0):
     import transformers
+
     from kvtier.models.registry import DUMMY_CONFIGS
     cfg_dict = dict(DUMMY_CONFIGS[name])
     cfg = transformers.CONFIG_MAPPING[cfg_dict.pop("model_type")](**cfg_dict)

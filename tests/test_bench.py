@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import greedy, random_prompts
@@ -24,7 +25,8 @@ def test_bench_throughput_writes_json_with_hf_comparison(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert REQUIRED <= set(res)
     assert res["batch_size"] == 4 and res["num_prompts"] == 4 and res["output_len"] == 8
-    assert 0 < res["roofline_fraction"] and res["speedup_vs_hf"] > 0
+    assert res["roofline_fraction"] == pytest.approx(res["roofline_step_ms"] / res["decode_step_ms"])
+    assert res["speedup_vs_hf"] == pytest.approx(res["output_tok_s"] / res["hf_output_tok_s"])
     assert "roofline_fraction" in capsys.readouterr().out
 
 

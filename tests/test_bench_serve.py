@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,7 +43,10 @@ def test_random_completions_table_json_and_plot(server, tmp_path, capsys):
     assert res["total_output_tokens"] == 4 * 6 and res["output_lens"] == [6] * 4
     assert len(res["ttfts"]) == 4 and all(len(gaps) == 5 for gaps in res["itls"])
     assert 0 < res["median_ttft_ms"] <= res["p99_ttft_ms"] and res["mean_e2el_ms"] > res["mean_ttft_ms"]
-    assert res["mean_tpot_ms"] > 0 and res["mean_itl_ms"] > 0
+    # TPOT: each request's time after its first token over its 5 later tokens; ITL: every gap
+    tpots = [(e2el - ttft) / 5 for e2el, ttft in zip(res["e2els"], res["ttfts"])]
+    assert res["mean_tpot_ms"] == pytest.approx(1000 * sum(tpots) / 4)
+    assert res["mean_itl_ms"] == pytest.approx(1000 * sum(map(sum, res["itls"])) / 20)
     assert res["output_throughput"] == pytest.approx(24 / res["duration"])
     assert plot.read_bytes()[:8] == PNG_MAGIC
 

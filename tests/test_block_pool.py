@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.cache.block_pool import BlockPool, FreeBlockQueue, Block
+from kvtier.cache.block_pool import Block, BlockPool, FreeBlockQueue
 from kvtier.cache.hashing import hash_full_blocks
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.request import Request

@@ -13,6 +13,7 @@ from conftest import MIXED_LENGTHS, greedy, random_prompts
 from kvtier import LLM
 from kvtier.cache.hashing import hash_full_blocks
 from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.cache.storage import Kind, Layout, StorageSpec, Tier
 from kvtier.engine import host_kv_pool
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.request import Request
@@ -203,6 +204,7 @@ def test_failed_pinning_degrades_with_a_warning(monkeypatch, caplog, tiny_model_
     assert "could pin only" in caplog.text
     outs = llm.generate(waves()[0], greedy(8), use_tqdm=False)  # and it serves
     assert all(o.finished for o in outs)
+    pool.close()  # while _unregister is the stand-in: the fake registrations must not reach CUDA later
 
     monkeypatch.setattr(host_kv_pool, "_register", lambda ptr, n: False)
     with caplog.at_level(logging.WARNING):
@@ -245,7 +247,8 @@ def test_layer_groups_and_host_pool_layout():
     from kvtier.engine.host_kv_pool import HostKVPool
     from kvtier.engine.transfer_engine import layer_groups
     assert [layer_groups(n) for n in (1, 2, 3, 30, 32, 7)] == [1, 2, 1, 2, 2, 1]
-    pool = HostKVPool(5, 32, 16, 8, 128, torch.bfloat16, pin=False)
+    spec = StorageSpec(Tier.CPU, Kind.KV, 32, 16, 8, 128, "bfloat16", Layout.BLOCK_MAJOR)
+    pool = HostKVPool(5, spec, pin=False)
     assert pool.kv.shape == (5, 32, 2, 16, 8, 128) and pool.num_blocks == 5
     assert pool.block_bytes == 2 * 32 * 16 * 8 * 128 * 2  # 2 MiB: all layers' K and V of one block
 
@@ -273,5 +276,5 @@ def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
     gpu.zero_()
     eng.before_forward(KVTransfers(loads=[(c, g) for g, c in pairs], step_id=1))
     assert eng.num_split_loads == 1  # runs 0-3, 4-6 and 11: layer group by layer group
-    for g, c in pairs:
+    for g, _ in pairs:
         assert torch.equal(gpu[:, :, g], before[:, :, g])

@@ -42,13 +42,38 @@ def test_prefix_caching_on_off_and_small_chunks(model_path):
     assert chunked == ref
 
 
-def test_forced_preemption(model_path):
+def test_forced_preemption(model_path, monkeypatch):
     prompts = random_prompts(MIXED_LENGTHS)
     ref, _ = run(model_path, prompts)
+    steps = record_schedules(monkeypatch)
     # 8 requests need up to 6 blocks each; 12 blocks hold only a few at once.
     tight, llm = run(model_path, prompts, num_gpu_blocks_override=12, max_model_len=160)
     assert tight == ref
-    assert llm.engine.scheduler.num_preemptions > 0
+    steps = [s for s in steps if s[0] is llm.engine.scheduler]
+    num_preempted = 0
+    for i, (_, running, waiting, plan) in enumerate(steps):
+        victims = plan.preempted_request_ids  # the most recently admitted running requests, latest first
+        assert victims == running[::-1][:len(victims)]
+        admitted = [s.request_id for s in plan.scheduled if s.request_id not in running]
+        assert admitted == waiting[:len(admitted)]  # admissions strictly in queue order
+        if victims:  # they wait at the front of the queue, the earliest admitted first: they resume first
+            assert steps[i + 1][2][:len(victims)] == victims[::-1]
+        num_preempted += len(victims)
+    assert num_preempted == llm.engine.scheduler.num_preemptions > 0
+
+
+def record_schedules(monkeypatch) -> list:
+    """(scheduler, running ids, waiting ids before the step, plan) of every step planned from now."""
+    from kvtier.scheduler.scheduler import Scheduler
+    steps, schedule = [], Scheduler.schedule
+
+    def recording(self, *args, **kwargs):
+        running, waiting = [r.request_id for r in self.running], [r.request_id for r in self.waiting]
+        plan = schedule(self, *args, **kwargs)
+        steps.append((self, running, waiting, plan))
+        return plan
+    monkeypatch.setattr(Scheduler, "schedule", recording)
+    return steps
 
 
 def test_repeated_prompt_reports_and_skips_cached_prefix(model_path):

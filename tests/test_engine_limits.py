@@ -6,16 +6,15 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from kvtier import LLM
+from kvtier.cache.storage import StorageSpec, Tier
 from kvtier.cli import build_parser
 from kvtier.config import ConfigError
-from kvtier.engine.model_runner import kv_block_bytes
 from kvtier.models.loader import model_config, resolve_model
 
 TINY = model_config(resolve_model("tiny-llama", "dummy"))
-BLOCK_BYTES = kv_block_bytes(TINY, 16, torch.float32)
+BLOCK_BYTES = StorageSpec.for_model(TINY, Tier.GPU, 16, "float32").bytes_per_block
 MODEL_MAX = TINY.max_position_embeddings
 
 

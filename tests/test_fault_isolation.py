@@ -45,14 +45,15 @@ def inject_in_sampler(engine):
 
 def inject_in_detokenizer(engine):
     """Fail the text of a poisoned request's second token (after the scheduler counted it)."""
-    apply_one = engine._apply_one
+    processor = engine.output_processor
+    apply_one = processor._apply_one
 
     def failing(seq, token):
         if _poisoned(seq.request) and seq.request.num_output_tokens == 2:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected fault in the detokenizer")
         return apply_one(seq, token)
-    engine._apply_one = failing
-    return lambda: setattr(engine, "_apply_one", apply_one)
+    processor._apply_one = failing
+    return lambda: setattr(processor, "_apply_one", apply_one)
 
 
 _REFERENCE: dict[str, tuple] = {}

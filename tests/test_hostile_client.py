@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import httpx2 as httpx
 import pytest

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from kvtier.benchmarks.multiturn import (NUM_SLOW_STEPS, STALL_S, MultiturnConfig, run_multiturn, stall_line,
-                                         stall_stats)
+from kvtier.benchmarks.multiturn import NUM_SLOW_STEPS, STALL_S, MultiturnConfig, run_multiturn, stall_line, stall_stats
 from kvtier.engine.llm_engine import StepRecord
 
 TINY = dict(model="tiny-llama", load_format="dummy", skip_tokenizer_init=True)
@@ -44,7 +43,9 @@ def test_unknown_compile_counts_stay_unknown():
     assert "unknown Triton compiles" in stall_line({"cpu_tier": True, **out})
     assert stall_stats([], 3, 3, t0=0.0) == {"slow_steps": [], "num_compiles": 0, "stall_seconds": 0,
                                              "num_stall_steps": 0}
-    assert STALL_S == 0.5
+    # STALL_S is the threshold stall_stats applies: a step of exactly STALL_S is no stall, one just over it is
+    out = stall_stats([_step(STALL_S, None), _step(STALL_S * 1.01, None)], None, None, t0=0.0)
+    assert out["num_stall_steps"] == 1 and out["stall_seconds"] == pytest.approx(STALL_S * 1.01)
 
 
 def test_multiturn_json_has_the_stall_diagnostics(tmp_path, capsys):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx2 as httpx
 import pytest

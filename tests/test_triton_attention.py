@@ -2,8 +2,9 @@
 
 Triton 3.9 reads TRITON_INTERPRET in every `@triton.jit` decorator, including triton.language's
 own reductions, when triton is first imported; tests/conftest.py therefore sets it before anything
-imports triton whenever no GPU is present. On a GPU machine these small interpreted cases are
-replaced by benchmarks/kernels_gpu.py at full sizes.
+imports triton whenever no GPU is present. On a GPU machine the same cases run compiled on the GPU,
+and the `*_full_size` tests add Llama-3-8B-shaped heads over long contexts (GPU only: the
+interpreter would take hours).
 """
 
 import dataclasses
@@ -17,9 +18,11 @@ import kvtier.ops.triton_attention as ta
 from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref
 
 INTERPRETING = not isinstance(tl.standard.sum, triton.runtime.JITFunction)
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="GPU: see benchmarks/kernels_gpu.py")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="full sizes need a GPU")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels compiled")
 def test_interpreter_is_active():
     """Without a GPU these tests must run interpreted; a silent skip would hide every kernel test."""
     assert INTERPRETING and ta._INTERPRETED, "TRITON_INTERPRET=1 was not set before triton was imported"
@@ -30,8 +33,10 @@ LOW_PRECISION_REL = 1e-2
 
 
 def _batch(seq_lens, q_lens, num_kv_heads, group, head_dim=32, block_size=16,
-           dtype=torch.float32, seed=0):
-    """Random caches, shuffled block tables, this step's K/V written; -> (q, k_cache, v_cache, meta)."""
+           dtype=torch.float32, seed=0, device=DEVICE):
+    """Random caches, shuffled block tables, this step's K/V written; -> (q, k_cache, v_cache, meta).
+
+    Drawn on the CPU (the same numbers on every machine), then moved to `device`."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks hold garbage that must never be read
@@ -43,22 +48,23 @@ def _batch(seq_lens, q_lens, num_kv_heads, group, head_dim=32, block_size=16,
         tables[b, :n] = ids[used:used + n]
         used += n
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    k_cache = torch.randn(shape, generator=gen).to(device, dtype)
+    v_cache = torch.randn(shape, generator=gen).to(device, dtype)
     slots = [int(tables[b, p // block_size]) * block_size + p % block_size
              for b, (s, n) in enumerate(zip(seq_lens, q_lens)) for p in range(s - n, s)]
     num_tokens = len(slots)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(device, dtype)
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_tables=tables.to(torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        query_start_loc=torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=tables.to(device, torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32,
+                                     device=device),
         max_query_len=max(q_lens), max_seq_len=max(seq_lens),
         seq_lens_list=list(seq_lens), query_lens_list=list(q_lens))
     write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(device, dtype)
     return q, k_cache, v_cache, meta
 
 
@@ -89,6 +95,7 @@ def test_write_kv_matches_reference(src_dtype, cache_dtype):
     k, v = qkv[:, num_kv_heads:2 * num_kv_heads], qkv[:, 3 * num_kv_heads:]
     slots = torch.randperm(6 * 8, generator=gen)[:num_tokens]
     slots[[1, 4]] = -1  # padding tokens are not written
+    k_cache, v_cache, k, v, slots = (x.to(DEVICE) for x in (k_cache, v_cache, k, v, slots))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     write_kv_ref(k, v, k_ref, v_ref, slots)
     ta.write_kv(k, v, k_cache, v_cache, slots)
@@ -171,9 +178,9 @@ def test_decode_sliding_window(num_splits):
 def test_decode_padding_sequence_gives_zeros(num_splits):
     """A CUDA-graph padding row (seq_len 0) must not produce NaN or disturb the others."""
     q, k_cache, v_cache, meta = _batch([20, 50], [1, 1], 1, 1, seed=5)
-    q = torch.cat([q, torch.randn(1, *q.shape[1:])])
+    q = torch.cat([q, torch.randn(1, *q.shape[1:], device=DEVICE)])
     meta.block_tables = torch.cat([meta.block_tables, meta.block_tables[:1]])
-    meta.seq_lens = torch.tensor([20, 50, 0], dtype=torch.int32)
+    meta.seq_lens = torch.tensor([20, 50, 0], dtype=torch.int32, device=DEVICE)
     meta.seq_lens_list = [20, 50, 0]
     out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -192,7 +199,7 @@ def test_dispatch_and_prefill_kernel_on_decode_batch():
 def test_launchers_never_sync(monkeypatch):
     """No .item()/.tolist() in the launchers: they must be capturable in a CUDA graph."""
     q, k_cache, v_cache, meta = _batch([30, 9], [1, 1], 1, 1, seed=8)
-    k = torch.randn(2, *k_cache.shape[2:])
+    k = torch.randn(2, *k_cache.shape[2:], device=DEVICE)
 
     def refuse(*args, **kwargs):
         raise AssertionError("host sync in a launcher")
@@ -210,6 +217,51 @@ def test_num_decode_splits_heuristic():
     assert ta.num_decode_splits(1, 8, 32768, 132) == ta.DECODE_MAX_SPLITS
     assert ta.num_decode_splits(256, 8, 4096, 132) == 1
     assert ta.num_decode_splits(4, 8, 100, 132) == 1  # short contexts are not split
+
+
+# ----------------------------------------------------------------------------------- full sizes (GPU)
+
+# Llama-3-8B attention: 32 query heads over 8 KV heads, head_dim 128, 16-token blocks, bf16.
+LLAMA3_8B = dict(num_kv_heads=8, group=4, head_dim=128, block_size=16, dtype=torch.bfloat16)
+
+
+@on_gpu
+@pytest.mark.parametrize("seq_lens,q_lens,window", [
+    ([2048] * 8, [2048] * 8, None),  # the benchmark's prefill, 8 x 2048
+    ([8192, 4100, 3001, 517, 70], [512, 4100, 1, 17, 0], None),  # chunks after long cached prefixes
+    ([6000, 4096], [700, 4096], 4096),  # a Mistral-sized sliding window
+])
+def test_prefill_full_size(seq_lens, q_lens, window):
+    q, k_cache, v_cache, meta = _batch(seq_lens, q_lens, **LLAMA3_8B, seed=10)
+    out = ta.paged_prefill_attention(q, k_cache, v_cache, meta, 128 ** -0.5, window)
+    _assert_close(out, q, k_cache, v_cache, meta, 128 ** -0.5, window)
+
+
+@on_gpu
+@pytest.mark.parametrize("seq_lens,window,num_splits", [
+    ([2048] * 64, None, None),  # the benchmark's decode, 64 x 2048
+    ([32768, 16384, 9000, 4097, 100, 1], None, None),  # long contexts split by the heuristic
+    ([32768, 16384, 9000, 4097, 100, 1], None, 16),
+    ([20000, 5000, 300], 4096, None),
+])
+def test_decode_full_size(seq_lens, window, num_splits):
+    q, k_cache, v_cache, meta = _batch(seq_lens, [1] * len(seq_lens), **LLAMA3_8B, seed=11)
+    out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 128 ** -0.5, window, num_splits=num_splits)
+    _assert_close(out, q, k_cache, v_cache, meta, 128 ** -0.5, window)
+
+
+@on_gpu
+def test_write_kv_full_size():
+    """One 8 x 2048 prefill's K/V scattered into a 1k-block bf16 cache, bit for bit."""
+    _, k_cache, v_cache, meta = _batch([2048] * 8, [2048] * 8, **LLAMA3_8B, seed=12)
+    gen = torch.Generator(DEVICE).manual_seed(12)
+    k, v = (torch.randn(8 * 2048, 8, 128, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+            for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k, v, k_ref, v_ref, meta.slot_mapping)
+    assert not torch.equal(k_cache, k_ref)  # the new K differs from what the slots held
+    ta.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -261,7 +313,7 @@ def test_attention_argument_errors():
 
 def test_write_kv_errors(monkeypatch):
     q, k_cache, v_cache, meta = _errors_case()
-    k = torch.randn(2, 2, 32)
+    k = torch.randn(2, 2, 32, device=DEVICE)
     slots = meta.slot_mapping
     with pytest.raises(ValueError, match="k and v must both"):
         ta.write_kv(k, k[:1], k_cache, v_cache, slots)
@@ -275,4 +327,4 @@ def test_write_kv_errors(monkeypatch):
         ta.write_kv(k, k, k_cache, v_cache, slots.to("meta"))
     monkeypatch.setattr(ta, "_INTERPRETED", False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        ta.write_kv(k, k, k_cache, v_cache, slots)
+        ta.write_kv(k.cpu(), k.cpu(), k_cache.cpu(), v_cache.cpu(), slots.cpu())

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvtier.benchmarks.datasets import random_requests, sharegpt_requests
 from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf
+from kvtier.engine_args import engine_kwargs
 
 
 def _requests(args: argparse.Namespace, llm) -> list:
@@ -33,7 +34,6 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def run_bench_throughput(args: argparse.Namespace) -> int:
-    from kvtier.cli import engine_kwargs
     from kvtier.entrypoints.llm import LLM
     llm = LLM(**engine_kwargs(args))
     reqs = _requests(args, llm)
@@ -50,7 +50,6 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
 
 def run_bench_multiturn(args: argparse.Namespace) -> int:
     from kvtier.benchmarks.multiturn import MultiturnConfig, run_multiturn
-    from kvtier.cli import engine_kwargs
     cfg = MultiturnConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MultiturnConfig)})
     run_multiturn(cfg, engine_kwargs(args))
     return 0

@@ -32,15 +32,19 @@ import json
 import math
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from kvtier.benchmarks.datasets import random_requests, read_sharegpt
+from kvtier.benchmarks.plotting import new_figure, require_matplotlib
+from kvtier.benchmarks.stats import latency_stats
 from kvtier.benchmarks.throughput import device_info
-from kvtier.config import GiB, EngineConfig
+from kvtier.cache.storage import StorageSpec, Tier
+from kvtier.config import EngineConfig, GiB
 from kvtier.engine.llm_engine import LLMEngine, StepRecord, resolve_device_dtype
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import load_tokenizer, model_config, resolve_model
@@ -86,7 +90,9 @@ class MultiturnConfig:
             raise ValueError("--warmup-conversations must be >= 0")
         if self.think_time < 0 or self.gpu_kv_fraction < 0:
             raise ValueError("--think-time and --gpu-kv-fraction must be >= 0")
-        self.cpu_tier_settings  # validates
+        _ = self.cpu_tier_settings  # validates
+        if self.plot:
+            require_matplotlib("--plot")
 
     @property
     def cpu_tier_settings(self) -> tuple[bool, ...]:
@@ -353,10 +359,9 @@ def hits_by_tier(m: RequestMetrics) -> dict[str, int]:
 # -- one setting, statistics --------------------------------------------------------------------
 
 def ttft_stats(values: list[float]) -> dict[str, float]:
-    """Mean, median and 99th percentile (linear interpolation, numpy's default) in the input unit."""
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)),
-            "p99": float(np.percentile(arr, 99))}
+    """Mean, median (p50) and 99th percentile in the input unit."""
+    stats = latency_stats(values)
+    return {"mean": stats["mean"], "p50": stats["median"], "p99": stats["p99"]}
 
 
 def run_setting(engine_kwargs: dict[str, Any], conversations: list[Conversation], cfg: MultiturnConfig,
@@ -503,8 +508,8 @@ def run_multiturn(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], progress:
         return {"conversations": len(conversations)}
     _size_gpu_pool(cfg, engine_kwargs, conversations)
     _, dtype = resolve_device_dtype(EngineConfig.from_kwargs(**engine_kwargs))
-    cpu_gib = engine_kwargs["kv_offloading_size"] or cpu_tier_gib(conversations,
-                                                                  mcfg.kv_bytes_per_token(dtype.itemsize))
+    cpu_spec = StorageSpec.for_model(mcfg, Tier.CPU, engine_kwargs["block_size"], dtype)
+    cpu_gib = engine_kwargs["kv_offloading_size"] or cpu_tier_gib(conversations, cpu_spec.bytes_per_token)
     if True in cfg.cpu_tier_settings:
         print(f"CPU tier (when on): {cpu_gib:.4g} GiB")
     runs = [run_setting(engine_kwargs, conversations, cfg, on, cpu_gib, progress)
@@ -561,11 +566,8 @@ def print_table(runs: list[dict[str, Any]]) -> None:
 
 def plot_runs(runs: list[dict[str, Any]], path: str) -> None:
     """TTFT CDF per setting, mean TTFT by turn index, and prefix-hit tokens by tier (PNG, Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot: no global backend, no display
+    fig = new_figure(figsize=(15, 4.2), layout="constrained")
+    from matplotlib.ticker import MaxNLocator  # the bench extra, present once new_figure returned
     cdf, by_turn, hits = fig.subplots(1, 3)
     labels = [f"CPU tier {'on' if r['cpu_tier'] else 'off'}" for r in runs]
     for run, label in zip(runs, labels):

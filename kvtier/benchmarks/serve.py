@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - a standard environment
     import httpx
 
 from kvtier.benchmarks.datasets import BenchRequest, random_requests, sharegpt_requests
+from kvtier.benchmarks.plotting import new_figure, require_matplotlib
+from kvtier.benchmarks.stats import latency_stats
 
 DATASETS = ("random", "sharegpt", "multi-turn", "prefix-repetition")
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -71,6 +73,8 @@ class ServeBenchConfig:
             raise ValueError("--request-rate must be > 0 (inf sends everything at once)")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("--max-concurrency must be at least 1")
+        if self.plot_file:
+            require_matplotlib("--plot-file")
 
 
 @dataclasses.dataclass
@@ -282,9 +286,8 @@ def _sum_tiers(results: list[RequestResult]) -> dict[str, int]:
 
 
 def _stats_ms(name: str, values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values or [0.0]) * 1000
-    return {f"mean_{name}_ms": float(arr.mean()), f"median_{name}_ms": float(np.median(arr)),
-            f"std_{name}_ms": float(arr.std()), f"p99_{name}_ms": float(np.percentile(arr, 99))}
+    """vLLM's keys: mean_ttft_ms, median_ttft_ms, std_ttft_ms, p99_ttft_ms (zeros when nothing finished)."""
+    return {f"{stat}_{name}_ms": v for stat, v in latency_stats(values or [0.0], scale=1000).items()}
 
 
 _SECTIONS = (("ttft", "Time to First Token", "TTFT"), ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
@@ -319,11 +322,7 @@ def format_table(res: dict[str, Any]) -> str:
 
 def plot_results(res: dict[str, Any], path: str) -> None:
     """TTFT CDF, ITL histogram, E2E latency by start time, output tokens over time (PNG, Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 8), tight_layout=True)
-    FigureCanvasAgg(fig)  # no pyplot: no global backend, no display
+    fig = new_figure(figsize=(12, 8), tight_layout=True)
     (cdf, itl), (e2e, tokens) = fig.subplots(2, 2)
     ttft_ms = np.sort(np.asarray(res["ttfts"]) * 1000)
     cdf.plot(ttft_ms, np.arange(1, len(ttft_ms) + 1) / max(len(ttft_ms), 1))

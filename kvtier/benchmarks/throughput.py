@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from kvtier.benchmarks.datasets import BenchRequest, random_requests
-from kvtier.offload.hardware import matmul_flops, memory_bandwidth
 from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import hf_state_dict
+from kvtier.offload.hardware import matmul_flops, memory_bandwidth
 from kvtier.sampling_params import SamplingParams
 
 
@@ -30,7 +30,7 @@ class DeviceRates:
     flops: float  # FLOP/s, dense matmul in the model dtype
 
     @classmethod
-    def measure(cls, device: torch.device, dtype: torch.dtype) -> "DeviceRates":
+    def measure(cls, device: torch.device, dtype: torch.dtype) -> DeviceRates:
         return cls(memory_bandwidth(device), matmul_flops(device, dtype))
 
 
@@ -74,7 +74,7 @@ def decode_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict[
         return {}
     full = max(s.num_seqs for s in decode)
     at_full = [s for s in decode if s.num_seqs == full][1:] or [s for s in decode if s.num_seqs == full]
-    kv_tok = llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype.itemsize)
+    kv_tok = llm.engine.kv_spec.bytes_per_token
     w_bytes = weight_bytes(llm.engine.runner.model)
     measured = statistics.median(s.seconds for s in at_full)
     mean_ctx = statistics.mean(s.sum_seq_lens for s in at_full)
@@ -94,8 +94,8 @@ def prefill_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict
     tokens = sum(s.num_tokens for s in prefill)
     seconds = sum(s.seconds for s in prefill)
     # attention: QK^T and PV, 2 flops per MAC, each token attends to about half its context
-    attn = sum(4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s.num_tokens * (s.sum_seq_lens / max(s.num_seqs, 1)) / 2
-               for s in prefill)
+    attn = sum(4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s.num_tokens
+               * (s.sum_seq_lens / max(s.num_seqs, 1)) / 2 for s in prefill)
     flops = 2 * n_params * tokens + attn
     return {"prefill_tokens": tokens, "prefill_s": seconds, "prefill_tok_s": tokens / seconds,
             "prefill_tflops": flops / seconds / 1e12, "prefill_mfu": flops / seconds / rates.flops}

@@ -14,7 +14,7 @@ Eviction takes the head of the free queue (least recently freed); a freed block 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 @dataclasses.dataclass(eq=False)
@@ -22,8 +22,8 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
-    prev: "Block | None" = None  # free-queue links; both None when not queued (except ends)
-    next: "Block | None" = None
+    prev: Block | None = None  # free-queue links; both None when not queued (except ends)
+    next: Block | None = None
     queued: bool = False
 
 

@@ -19,7 +19,7 @@ them. Who holds a CPU block: swapped requests (one reference each) and in-flight
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from kvtier.cache.block_pool import Block, BlockPool
 from kvtier.cache.hashing import hash_full_blocks
@@ -63,6 +63,12 @@ class KVCacheManager:
         self.num_demotions = self.num_dropped_demotions = 0
         self.num_swaps_out = self.num_swaps_in = 0
         self.num_blocks_to_cpu = self.num_blocks_to_gpu = 0
+
+    @property
+    def _cpu(self) -> BlockPool:
+        """The CPU pool, for paths that only a CPU tier reaches (a CPU hit, a swap, a demotion)."""
+        assert self.cpu_pool is not None, "CPU tier is off"
+        return self.cpu_pool
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -118,7 +124,7 @@ class KVCacheManager:
             return False
         self.pool.touch(hit.gpu)
         for block in hit.cpu:  # before the GPU allocation below demotes blocks into the CPU pool
-            self.pending.protect(self.cpu_pool, block)
+            self.pending.protect(self._cpu, block)
         new = self.pool.allocate(max(num_new_blocks, 0))
         self.transfers.loads += [(c.block_id, g.block_id) for c, g in zip(hit.cpu, new)]
         new = hit.gpu + new
@@ -132,7 +138,7 @@ class KVCacheManager:
         """A resumed swap releases the request's own CPU blocks; a first admission is counted."""
         if hit.swapped:
             cpu_blocks, _ = self.swapped.pop(request.request_id)
-            self.cpu_pool.free(reversed(cpu_blocks))  # loads hold their own references
+            self._cpu.free(reversed(cpu_blocks))  # loads hold their own references
             self.num_swaps_in += 1
         elif request.num_computed_tokens == 0:
             self.prefix_queries += request.num_tokens
@@ -159,7 +165,7 @@ class KVCacheManager:
         blocks = self.req_blocks[request.request_id]
         for i in range(done, min(num_full, len(hashes))):
             if (self.pool.cache_block(blocks[i], hashes[i]) and self.write_through
-                    and self.cpu_pool.lookup(hashes[i]) is None):
+                    and self._cpu.lookup(hashes[i]) is None):
                 self._store(blocks[i], after_forward=True)
         self.req_num_cached[request.request_id] = min(num_full, len(hashes))
 
@@ -167,19 +173,21 @@ class KVCacheManager:
 
     def _demote(self, block: Block) -> None:
         """GPU eviction hook (write-back): keep the evicted block's KV on the CPU."""
-        if self.cpu_pool.lookup(block.block_hash) is None and self._store(block, after_forward=False):
+        assert block.block_hash is not None  # the pool calls on_evict only for cached blocks
+        if self._cpu.lookup(block.block_hash) is None and self._store(block, after_forward=False):
             self.num_demotions += 1
 
     def _store(self, block: Block, after_forward: bool) -> Block | None:
         """Copy a GPU block into a new CPU block (under its hash, if any); None if the CPU pool is
         full of blocks in use. The new block's reference belongs to the copy."""
-        if self.cpu_pool.num_free_blocks == 0:
+        cpu_pool = self._cpu
+        if cpu_pool.num_free_blocks == 0:
             self.num_dropped_demotions += 1
             return None
-        cpu_block = self.cpu_pool.allocate(1)[0]
-        self.pending.current.append((self.cpu_pool, cpu_block))
+        cpu_block = cpu_pool.allocate(1)[0]
+        self.pending.current.append((cpu_pool, cpu_block))
         if block.block_hash is not None:
-            self.cpu_pool.cache_block(cpu_block, block.block_hash)
+            cpu_pool.cache_block(cpu_block, block.block_hash)
         if after_forward:  # the GPU block stays cached: keep it until the copy has read it
             self.pending.protect(self.pool, block)
             self.transfers.stores_after.append((block.block_id, cpu_block.block_id))
@@ -205,6 +213,7 @@ class KVCacheManager:
         for block, cpu_block in zip(blocks, on_cpu):
             if cpu_block is None:
                 cpu_block = self._store(block, after_forward=False)
+                assert cpu_block is not None  # room was checked above
                 self.cpu_pool.touch([cpu_block])  # the request's own reference
             cpu_blocks.append(cpu_block)
         self._free_gpu(request)
@@ -235,7 +244,7 @@ class KVCacheManager:
         self._free_gpu(request)
         swapped = self.swapped.pop(request.request_id, None)
         if swapped is not None:
-            self.cpu_pool.free(reversed(swapped[0]))
+            self._cpu.free(reversed(swapped[0]))
 
     def _free_gpu(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])

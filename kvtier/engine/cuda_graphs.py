@@ -12,20 +12,21 @@ splits) is fixed; each program reads its sequence's true length from seq_lens.
 With the CPU tier, a step may have to wait for KV still being loaded, one layer group at a time
 (kvtier/engine/transfer_engine.py). A graph cannot wait in its middle for an event recorded
 outside it, so each batch size is captured as one graph per layer group ("segments", cut at the
-model's before_layer calls, sharing the pool: a segment's output is the next one's input), and
-the replay waits for group g's loads before segment g. Without the tier there is one segment.
+model's before_layer hooks, sharing the pool: a segment's output is the next one's input), and
+the replay runs the step's hooks at segment bounds (kvtier/ops/attention.py's LayerHooks): before
+segment g, before_layer of its first layer, which waits for group g's loads; after it, after_layer
+of its last. Without the tier there is one segment.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from typing import Callable
 
 import torch
 from torch import nn
 
-from kvtier.ops.attention import AttentionMetadata
+from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, LayerHooks
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class DecodeGraphs:
                  block_size: int, device: torch.device, segment_starts: list[int] | None = None):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.segment_starts = segment_starts or [0]  # first layer of each segment
+        self.segment_ends = [first - 1 for first in self.segment_starts[1:]] + [len(kv_caches) - 1]  # last layers
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         n, max_blocks = self.sizes[-1], -(-max_model_len // block_size)
@@ -87,7 +89,7 @@ class DecodeGraphs:
                 segments[-1].capture_begin(pool=self.pool)
 
         meta = self._meta(size)
-        meta.layer_ready = cut
+        meta.hooks = LayerHooks(before=cut)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         segments[0].capture_begin(pool=self.pool)
@@ -99,9 +101,9 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            layer_ready: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Replay the smallest graph that fits, waiting before each segment for its layers' KV
-        (layer_ready, see AttentionMetadata); returns logits (n, vocab)."""
+            hooks: LayerHooks = NO_HOOKS) -> torch.Tensor:
+        """Replay the smallest graph that fits, with the step's hooks at segment bounds (before
+        each segment the wait for its layers' KV); returns logits (n, vocab)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
@@ -112,8 +114,8 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        for first_layer, segment in zip(self.segment_starts, self.graphs[size]):
-            if layer_ready is not None:
-                layer_ready(first_layer)
+        for first_layer, last_layer, segment in zip(self.segment_starts, self.segment_ends, self.graphs[size]):
+            hooks.before_layer(first_layer)
             segment.replay()
+            hooks.after_layer(last_layer)
         return self.logits[size][:n]

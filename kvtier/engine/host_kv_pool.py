@@ -1,6 +1,7 @@
 """The CPU tier's storage: one block-major KV tensor in pinned host memory.
 
-Layout (num_cpu_blocks, layers, 2, block_size, kv_heads, head_dim): one CPU block is one
+Layout (its StorageSpec's, kvtier/cache/storage.py: num_cpu_blocks, layers, 2, block_size, kv_heads,
+head_dim): one CPU block is one
 contiguous chunk holding all layers' K and V (2 MiB for Llama-3-8B in bf16), so a scattered block
 moves as one DMA copy at ~90% of the link, and a run of consecutive blocks can also move one
 group of layers at a time (a 2-D copy: rows of the group's bytes, one per block) for layer-wise
@@ -18,6 +19,9 @@ import logging
 
 import torch
 from tqdm.auto import tqdm
+
+from kvtier.cache import storage
+from kvtier.cache.storage import Layout, StorageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +46,15 @@ def _unregister(ptr: int) -> None:
 class HostKVPool:
     """Owns the CPU tier's tensor; unregisters the pinned pages before the memory is freed."""
 
-    def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, pin: bool | None = None):
-        shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+    def __init__(self, num_blocks: int, spec: StorageSpec, pin: bool | None = None):
+        if spec.layout is not Layout.BLOCK_MAJOR:
+            raise ValueError(f"the host pool keeps blocks contiguous (block-major), not {spec.layout.value}")
         pin = pinning_available() if pin is None else pin
-        self._tensor = torch.zeros(shape, dtype=dtype) if not pin else torch.empty(shape, dtype=dtype)
+        self.spec = spec
+        self._tensor = storage.allocate(spec, num_blocks, pin_memory=pin)
         self._registered: list[int] = []
         self.pinned = pin
-        self.block_bytes = self._tensor[0].numel() * self._tensor.element_size() if num_blocks else 1
+        self.block_bytes = spec.bytes_per_block
         # one copy must not span two registrations (the driver rejects it): copies split here
         self.blocks_per_chunk = max(1, PIN_CHUNK_BYTES // self.block_bytes) if pin else num_blocks
         self.kv = self._pin(self._tensor) if pin else self._tensor  # (Nc, L, 2, bs, Hkv, D)

@@ -12,17 +12,19 @@ from typing import Any
 
 import torch
 
+from kvtier.cache import storage
 from kvtier.cache.kv_cache_manager import KVCacheManager
-from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, GiB, ConfigError, EngineConfig, default_cpu_threads
-from kvtier.engine.detokenizer import IncrementalDetokenizer
+from kvtier.cache.storage import StorageSpec, Tier
+from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, GiB, default_cpu_threads
 from kvtier.engine.host_kv_pool import HostKVPool
-from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY, ModelRunner, allocate_kv_cache, kv_block_bytes
+from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY, ModelRunner
+from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine, transfer_stats
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
 from kvtier.ops.kernel_variants import num_compiled_variants
-from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
+from kvtier.outputs import RequestOutput
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParamError, SamplingParams
 from kvtier.scheduler.output import SampledToken
@@ -48,28 +50,6 @@ class StepRecord:
     num_blocks_loaded: int  # CPU -> GPU
     num_blocks_stored: int  # GPU -> CPU, before and after the forward
     compiled_variants: int | None  # Triton kernel variants compiled in the process so far (None: interpreted)
-
-
-@dataclasses.dataclass
-class _Sequence:
-    """One of a request's n samples, with its text state."""
-    request: Request
-    detok: IncrementalDetokenizer
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float = 0.0
-
-
-@dataclasses.dataclass
-class _RequestGroup:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[_Sequence]
-    error: str | None = None  # set when an engine step failed because of this request
-
-    @property
-    def finished(self) -> bool:
-        return all(s.request.status.finished for s in self.seqs)
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -99,11 +79,13 @@ class LLMEngine:
         model = load_model(source, self.model_config, self.device, self.dtype, config.seed)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = self._eos_ids(source.path)
+        # what one GPU block holds; the CPU tier's spec is the same blocks in its own layout
+        self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size, self.dtype)
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
-        kv = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        kv = storage.allocate(self.kv_spec, num_blocks, self.device)
         transfers = self._build_cpu_tier(kv)
-        self.runner = ModelRunner(model, self.model_config, kv, config.block_size, self.device, config.seed,
+        self.runner = ModelRunner(model, self.model_config, kv, self.kv_spec, self.device, config.seed,
                                   config.attention_backend, transfers)
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
@@ -116,9 +98,8 @@ class LLMEngine:
             self.kv_cache.swap_pays = self.swap_cost.swap_pays
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
-        self.groups: dict[str, _RequestGroup] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
-        self._group_of: dict[str, tuple[str, _Sequence]] = {}  # child request id -> (group id, seq)
         self._ids = itertools.count()
         self._step_request_ids: list[str] = []  # the requests of the step being run
         self._last_log = time.monotonic()
@@ -138,7 +119,7 @@ class LLMEngine:
         return tuple(sorted(ids))
 
     def _num_blocks(self) -> int:
-        cfg, block_bytes = self.config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
+        cfg, block_bytes = self.config, self.kv_spec.bytes_per_block
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
         # Without an explicit size, never more than 4x what max_num_seqs full-length sequences
@@ -167,13 +148,13 @@ class LLMEngine:
         self.host_pool: HostKVPool | None = None
         if self.config.kv_offloading_size <= 0:
             return None
-        cfg, block_bytes = self.model_config, kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
-        num_cpu_blocks = int(self.config.kv_offloading_size * GiB // block_bytes)
+        cpu_spec = self.kv_spec.on(Tier.CPU)
+        block_bytes = cpu_spec.bytes_per_block
+        num_cpu_blocks = cpu_spec.num_blocks_in(self.config.kv_offloading_size * GiB)
         if num_cpu_blocks < 1:
             raise ConfigError(f"--kv-offloading-size {self.config.kv_offloading_size} GiB holds no KV block "
                               f"of {block_bytes} bytes; give at least {block_bytes / GiB:.6f} GiB")
-        pool = HostKVPool(num_cpu_blocks, cfg.num_layers, self.config.block_size, cfg.num_kv_heads,
-                          cfg.head_dim, self.dtype)
+        pool = HostKVPool(num_cpu_blocks, cpu_spec)
         if pool.num_blocks == 0:
             logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
             return None
@@ -186,7 +167,7 @@ class LLMEngine:
         # small and quick: the decision needs the order of magnitude, not the last percent
         size = 2048 if self.device.type == "cuda" else 256
         rates = HardwareRates(host_link_bandwidth(self.device), matmul_flops(self.device, self.dtype, size, iters=5))
-        kv_per_token = kv_block_bytes(self.model_config, self.config.block_size, self.dtype) // self.config.block_size
+        kv_per_token = self.kv_spec.bytes_per_token
         flops_per_token = 2.0 * sum(p.numel() for p in model.parameters())
         cost = SwapCostModel(rates, kv_per_token, flops_per_token)
         logger.info("kvtier: swap preemption %s (per 1k tokens: swap %.2f ms, recompute %.2f ms; link %.1f GB/s, "
@@ -239,7 +220,7 @@ class LLMEngine:
     def _kv_memory_for(self, num_tokens: int) -> str:
         """KV cache memory that holds one sequence of num_tokens, as a --kv-cache-memory value."""
         num_blocks = -(-num_tokens // self.config.block_size)
-        num_bytes = num_blocks * kv_block_bytes(self.model_config, self.config.block_size, self.dtype)
+        num_bytes = num_blocks * self.kv_spec.bytes_per_block
         return f"{-(-num_bytes // 2**20)}MiB"
 
     # -- requests -------------------------------------------------------------------------------
@@ -262,21 +243,16 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.groups:
+        if request_id in self.output_processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_sampling_params(params)
         text, token_ids = self.process_prompt(prompt)
-        seqs = []
-        for i in range(params.n):
-            child = params.child(i) if params.n > 1 else params
-            req = Request(f"{request_id}" if params.n == 1 else f"{request_id}#{i}", token_ids, child,
-                          self.eos_token_ids, cache_salt, arrival_time)
-            seqs.append(_Sequence(req, IncrementalDetokenizer(self.tokenizer, token_ids, child),
-                                  [] if child.logprobs is not None else None))
-        self.groups[request_id] = _RequestGroup(request_id, text, token_ids, seqs)
-        for seq in seqs:
-            self._group_of[seq.request.request_id] = (request_id, seq)
-            self.scheduler.add_request(seq.request)
+        samples = [Request(request_id if params.n == 1 else f"{request_id}#{i}", token_ids,
+                           params.child(i) if params.n > 1 else params, self.eos_token_ids, cache_salt, arrival_time)
+                   for i in range(params.n)]
+        self.output_processor.add(request_id, text, token_ids, samples)
+        for sample in samples:
+            self.scheduler.add_request(sample)
         return request_id
 
     def check_sampling_params(self, params: SamplingParams) -> None:
@@ -309,14 +285,10 @@ class LLMEngine:
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else request_ids
         for request_id in ids:
-            group = self.groups.pop(request_id, None)
-            if group is not None:
-                self._forget(group)
-                self.scheduler.finish_requests([s.request.request_id for s in group.seqs],
-                                               RequestStatus.FINISHED_ABORTED)
+            self.scheduler.finish_requests(self.output_processor.remove(request_id), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return self.output_processor.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -341,24 +313,11 @@ class LLMEngine:
         result = self.runner.execute(plan)
         self._settle_transfers()
         updated = self.scheduler.update_from_output(plan, result)
-        outputs = self._collect(self._apply_tokens(updated, result.sampled), final_only)
+        outputs = self.output_processor.outputs(self._apply_tokens(updated, result.sampled), final_only)
         if self.step_log is not None and not plan.is_empty:
             self._record_step(plan, start)
         if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
             self._log_stats()
-        return outputs
-
-    def _collect(self, group_ids: list[str], final_only: bool) -> list[RequestOutput]:
-        """Outputs of these groups; finished groups are forgotten once reported."""
-        outputs = []
-        for group_id in group_ids:
-            group = self.groups[group_id]
-            if group.finished:
-                del self.groups[group_id]
-                self._forget(group)
-            elif final_only:
-                continue
-            outputs.append(self._output(group))
         return outputs
 
     def _isolate_failure(self, error: Exception, final_only: bool) -> list[RequestOutput]:
@@ -382,16 +341,14 @@ class LLMEngine:
                 logger.error("kvtier: request %s failed inside an engine step and was ended", rid,
                              exc_info=True)
                 self.kv_cache.forget_uncomputed(self.scheduler.requests[rid])
-                group_id = self._group_of[rid][0]
-                self._fail_group(group_id, e)
-                outputs += self._collect([group_id], final_only=False)
+                request_id = self.output_processor.request_id_of(rid)
+                self._fail(request_id, e)
+                outputs += self.output_processor.outputs([request_id], final_only=False)
         return outputs
 
-    def _fail_group(self, group_id: str, error: Exception) -> None:
+    def _fail(self, request_id: str, error: Exception) -> None:
         """End all of a request's samples with finish_reason "error"; their blocks are freed."""
-        group = self.groups[group_id]
-        group.error = f"{type(error).__name__}: {error}"
-        self.scheduler.finish_requests([s.request.request_id for s in group.seqs], RequestStatus.FINISHED_ERROR)
+        self.scheduler.finish_requests(self.output_processor.fail(request_id, error), RequestStatus.FINISHED_ERROR)
 
     def _settle_transfers(self, wait: bool = False) -> None:
         """Release what the completed steps' copies protected (wait: for all of them first)."""
@@ -407,8 +364,10 @@ class LLMEngine:
         line = (f"running {s['num_running']}, waiting {s['num_waiting']}, GPU KV {s['kv_usage_gpu']:.1%}, "
                 f"prefix hits GPU {s['prefix_hit_tokens_gpu_total'] / queried:.1%}")
         if self.host_pool is not None:
-            line += (f", CPU KV {s['kv_usage_cpu']:.1%}, prefix hits CPU {s['prefix_hit_tokens_cpu_total'] / queried:.1%}, "
-                     f"to CPU {s['bytes_to_cpu_total'] / 2**30:.2f} GiB, to GPU {s['bytes_to_gpu_total'] / 2**30:.2f} GiB, "
+            line += (f", CPU KV {s['kv_usage_cpu']:.1%}, "
+                     f"prefix hits CPU {s['prefix_hit_tokens_cpu_total'] / queried:.1%}, "
+                     f"to CPU {s['bytes_to_cpu_total'] / 2**30:.2f} GiB, "
+                     f"to GPU {s['bytes_to_gpu_total'] / 2**30:.2f} GiB, "
                      f"demotions {s['num_demotions_total']}, swaps {s['num_swaps_out_total']}")
         logger.info("kvtier: %s", line)
 
@@ -427,46 +386,15 @@ class LLMEngine:
             num_decode_tokens=num_decode, num_blocks_loaded=len(moves.loads),
             num_blocks_stored=moves.num_blocks_to_cpu, compiled_variants=num_compiled_variants()))
 
-    def _forget(self, group: _RequestGroup) -> None:
-        for seq in group.seqs:
-            self._group_of.pop(seq.request.request_id, None)
-
     def _apply_tokens(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[str]:
-        touched: dict[str, None] = {}
-        for req in updated:
-            group_id, seq = self._group_of[req.request_id]
-            try:
-                self._apply_one(seq, sampled[req.request_id])
-            except Exception as e:  # noqa: BLE001 - its own text or logprobs: fail it alone
-                logger.error("kvtier: request %s failed while its token was applied", req.request_id,
-                             exc_info=True)
-                self._fail_group(group_id, e)
-            touched[group_id] = None
-        return list(touched)
-
-    def _apply_one(self, seq: _Sequence, token: SampledToken) -> None:
-        req = seq.request
-        stop = seq.detok.add_token(token.token_id, req.num_output_tokens >= req.params.min_tokens)
-        if seq.logprobs is not None:
-            entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(token.top_logprobs or [])}
-            entry[token.token_id] = Logprob(token.logprob, token.rank)
-            seq.logprobs.append(entry)
-            seq.cumulative_logprob += token.logprob
-        if stop is not None and not req.status.finished:
-            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-            req.stop_reason = stop
-
-    def _output(self, group: _RequestGroup) -> RequestOutput:
-        outs = []
-        for i, seq in enumerate(group.seqs):
-            req = seq.request
-            status = req.status.value if req.status.finished else None
-            outs.append(CompletionOutput(i, seq.detok.text, list(req.output_token_ids), status,
-                                         req.stop_reason, seq.logprobs,
-                                         seq.cumulative_logprob if seq.logprobs is not None else None))
-        first = group.seqs[0].request
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
-                             group.finished, first.metrics, group.error)
+        """Text and logprobs of the step's tokens; finishes what a stop string or a failure ended.
+        Returns the request ids with news."""
+        applied = self.output_processor.apply(updated, sampled)
+        for sample_id, stop in applied.stops:
+            self.scheduler.finish_requests([sample_id], RequestStatus.FINISHED_STOPPED, stop)
+        for request_id, error in applied.failures:
+            self._fail(request_id, error)
+        return applied.touched
 
     # -- inspection -----------------------------------------------------------------------------
 

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvtier.cache.storage import StorageSpec, layer_views
 from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.sampler import Sampler
 from kvtier.engine.transfer_engine import LayerReady, TransferEngine
-from kvtier.models.layers import set_attention_backend
+from kvtier.models.attention_backends import make_attention_backend
 from kvtier.models.config import ModelConfig
-from kvtier.ops.attention import AttentionMetadata
+from kvtier.ops.attention import AttentionMetadata, LayerHooks
 from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
-
 
 # A step whose longest query has at most this many tokens, over a context of at least
 # PER_TOKEN_MIN_CONTEXT, runs attention as one decode per token (H100: 16 queries over 4112 keys
@@ -28,25 +28,6 @@ PER_TOKEN_MIN_CONTEXT = 512
 # H100 spends ~12 ms launching ~8 ms of Llama-3-8B work. Each row re-reads its context, but one
 # layer's K/V of a few thousand tokens stays in L2 (4 KiB per token and layer for Llama-3-8B).
 PER_TOKEN_GRAPH_WORK = 256 * 2048
-
-
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across all layers, K and V."""
-    return 2 * cfg.num_layers * block_size * cfg.kv_dim * dtype.itemsize
-
-
-def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    """One (layers, 2, blocks, block_size, kv_heads, head_dim) tensor.
-
-    Zero-filled: attention over padded block-table entries must never meet NaN garbage."""
-    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                       dtype=dtype, device=device)
-
-
-def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cache as the model reads it: per layer (K, V), each (blocks, block_size, kv_heads, head_dim)."""
-    return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
 
 
 @dataclasses.dataclass
@@ -70,14 +51,16 @@ def default_attention_backend(device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: torch.Tensor, block_size: int,
+    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: torch.Tensor, kv_spec: StorageSpec,
                  device: torch.device, seed: int = 0, attention_backend: str | None = None,
                  transfers: TransferEngine | None = None):
-        self.model, self.cfg, self.kv_caches = model, cfg, layer_views(kv)
+        # kv: the GPU tier's tensor, laid out as kv_spec says; the model reads it as per-layer views
+        self.model, self.cfg, self.kv_caches = model, cfg, layer_views(kv_spec, kv)
         self.transfers = transfers  # copies to and from the CPU tier; None when the tier is off
-        self.block_size, self.device = block_size, device
+        self.block_size, self.device = kv_spec.block_size, device
         self.attention_backend = attention_backend or default_attention_backend(device)
-        set_attention_backend(model, self.attention_backend)
+        for layer in model.attention_layers():  # one backend object per layer: a layer may differ
+            layer.backend = make_attention_backend(self.attention_backend)
         if device.type == "cuda" and self.attention_backend == "triton":
             # every Triton kernel variant a step can launch compiles now, not mid-serving
             # (~1 s each; what makes a variant: the top of kvtier/ops/triton_attention.py)
@@ -117,7 +100,8 @@ class ModelRunner:
         self.graphs.capture()
 
     def _execute(self, inputs: ModelInputs, ready: LayerReady | None) -> RunnerOutput:
-        inputs.meta.layer_ready = ready
+        if ready is not None:  # the forward waits before each layer for its KV
+            inputs.meta.hooks = LayerHooks(before=ready)
         self.num_computed_tokens += inputs.input_ids.shape[0]
         logits = self._logits(inputs)
         if logits is None:
@@ -131,7 +115,7 @@ class ModelRunner:
         meta = inputs.meta
         decode = meta if meta.is_decode_only else meta.per_token
         if self.graphs is not None and decode is not None and self.graphs.can_run(decode.num_seqs):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, decode, meta.layer_ready)
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, decode, meta.hooks)
             if len(inputs.sample_items) == decode.num_seqs:  # every row samples (decodes)
                 return logits
             return logits[inputs.logits_indices] if inputs.sample_items else None

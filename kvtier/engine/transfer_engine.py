@@ -72,7 +72,7 @@ class _InFlight:
 @dataclasses.dataclass
 class LayerReady:
     """When each layer's KV of this step's copies is in place: the compute stream waits for
-    events[g] before the first layer of group g (AttentionMetadata.layer_ready calls this)."""
+    events[g] before the first layer of group g (the forward calls it as LayerHooks.before)."""
     layers_per_group: int
     events: list[torch.cuda.Event]  # one per layer group
     device: torch.device

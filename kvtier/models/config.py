@@ -58,16 +58,6 @@ class ModelConfig:
         """The original config.json items (lists restored; nested dicts are not kept)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.hf_config}
 
-    def num_params(self) -> int:
-        h, i, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
-        attn = h * self.num_heads * self.head_dim * 2 + h * self.kv_dim * 2
-        mlp = (3 if self.family == "llama" else 2) * h * i
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return L * (attn + mlp) + emb
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.kv_dim * dtype_bytes
-
 
 def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     eos = cfg.get("eos_token_id")

@@ -7,21 +7,9 @@ import math
 import torch
 from torch import nn
 
+from kvtier.models.attention_backends import AttentionBackend, TorchAttention
 from kvtier.ops import fused
-from kvtier.ops.attention import AttentionMetadata, paged_attention_sdpa, write_kv_ref
-
-ATTENTION_BACKENDS = ("torch", "triton")
-
-
-def _backend_fns(name: str):
-    """(write_kv, paged_attention) of a backend; Triton is imported only when chosen. "torch" is
-    torch's fused SDPA (the CPU's path), not the plain reference the kernels are tested against."""
-    if name == "triton":
-        from kvtier.ops import triton_attention as ta
-        return ta.write_kv, ta.paged_attention
-    if name == "torch":
-        return write_kv_ref, paged_attention_sdpa
-    raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+from kvtier.ops.attention import AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -84,7 +72,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the layer's paged cache, then attends over the cached context."""
+    """Writes this step's K/V into the layer's paged cache, then attends over the cached context,
+    through this layer's own backend object (kvtier/models/attention_backends.py)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None):
@@ -92,21 +81,10 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.write_kv, self.attend = _backend_fns("torch")
-
-    def set_backend(self, name: str) -> None:
-        self.write_kv, self.attend = _backend_fns(name)
+        self.backend: AttentionBackend = TorchAttention()  # the model runner sets the engine's choice
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq*D)"""
-        k_cache, v_cache = kv_cache
-        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], -1)
-
-
-def set_attention_backend(model: nn.Module, name: str) -> None:
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.set_backend(name)

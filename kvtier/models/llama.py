@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from kvtier.models.config import ModelConfig
+from kvtier.models.decoder import KVCache, run_layers
 from kvtier.models.layers import PagedAttention, RMSNorm, RotaryEmbedding
 from kvtier.ops import fused
 from kvtier.ops.attention import AttentionMetadata
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -58,10 +57,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, positions: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor | None],
                 kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual stream kept apart so each norm fuses the preceding add:
-        returns (mlp output, residual); the next norm adds them."""
+        """Residual stream kept apart so each norm fuses the preceding add: hidden is
+        (x, residual), residual None at the first layer; returns (mlp output, residual), which
+        the next norm adds."""
+        x, residual = hidden
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
@@ -82,10 +83,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # (T, h)
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            meta.before_layer(i)
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x = self.embed_tokens(input_ids)  # (T, h)
+        x, residual = run_layers(self.layers, positions, (x, None), kv_caches, meta)
         return self.norm(x, residual)[0]
 
 
@@ -114,6 +113,10 @@ class LlamaForCausalLM(nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """Each decoder layer's attention, in layer order: where its backend object is set."""
+        return [layer.self_attn.attn for layer in self.model.layers]
 
     def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the fused kernels' variants before serving (kvtier/ops/fused.py)."""

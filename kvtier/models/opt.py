@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvtier.models.config import ModelConfig
+from kvtier.models.decoder import KVCache, run_layers
 from kvtier.models.layers import PagedAttention
 from kvtier.ops.attention import AttentionMetadata
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
@@ -47,7 +47,9 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, h, bias=cfg.enable_bias)
         self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """x (T, h) -> (T, h); positions unused (OPT adds learned positions before the first layer)."""
         norm1, norm2 = self.self_attn_layer_norm, self.final_layer_norm
         h = self.self_attn(norm1(x) if self.pre_norm else x, kv_cache, meta)
         x = x + h if self.pre_norm else norm1(x + h)
@@ -73,9 +75,7 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET)  # (T, h)
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            meta.before_layer(i)
-            x = layer(x, kv_cache, meta)
+        x = run_layers(self.layers, positions, x, kv_caches, meta)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return self.project_out(x) if self.project_out is not None else x
@@ -105,6 +105,10 @@ class OPTForCausalLM(nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """Each decoder layer's attention, in layer order: where its backend object is set."""
+        return [layer.self_attn.attn for layer in self.model.decoder.layers]
 
     def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
         """OPT runs no fused kernels (LayerNorm, learned positions, ReLU are torch's)."""

@@ -29,10 +29,36 @@ This module imports nothing from kvtier.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerHooks:
+    """What a forward does around each decoder layer: the per-layer pipeline of the KV tiers.
+
+    before(i) runs before layer i (wait for the KV layer i reads; issue what layer i+d will read),
+    after(i) after it (release a staging slot, save what must be saved). Both run on the host, in
+    layer order, once per layer of an eager forward. A CUDA graph replayed in segments (one per
+    group of layers, kvtier/engine/cuda_graphs.py) calls before(first layer) before a segment and
+    after(last layer) after it: a hook acts on whole segments there, so segments follow the pipeline.
+    """
+
+    before: Callable[[int], None] | None = None
+    after: Callable[[int], None] | None = None
+
+    def before_layer(self, layer: int) -> None:
+        if self.before is not None:
+            self.before(layer)
+
+    def after_layer(self, layer: int) -> None:
+        if self.after is not None:
+            self.after(layer)
+
+
+NO_HOOKS = LayerHooks()
 
 
 @dataclasses.dataclass
@@ -49,14 +75,10 @@ class AttentionMetadata:
     # length position_i + 1 with the same block table). Set for short prefills over long
     # contexts, which a decode kernel splits along the context; a prefill kernel, parallel only
     # over queries and heads, would leave most of the GPU idle.
-    per_token: "AttentionMetadata | None" = None
-    # Called with a layer's index before the layer runs; the CPU tier's loads make the compute
-    # stream wait there for that layer's KV, so early layers run while later ones still load.
-    layer_ready: Callable[[int], None] | None = None
-
-    def before_layer(self, layer: int) -> None:
-        if self.layer_ready is not None:
-            self.layer_ready(layer)
+    per_token: AttentionMetadata | None = None
+    # Run around each decoder layer (see LayerHooks); the CPU tier's loads make the compute stream
+    # wait before a layer for its KV, so early layers run while later ones still load.
+    hooks: LayerHooks = NO_HOOKS
 
     @property
     def num_seqs(self) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-
 # -- references ---------------------------------------------------------------------------------
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,

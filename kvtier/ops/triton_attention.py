@@ -229,9 +229,9 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_spl
     row = (b * tl.num_programs(1) + head).to(tl.int64) * num_splits
     s = tl.arange(0, SPLITS_PAD)
     m = tl.load(part_m_ptr + row + s, mask=s < num_splits, other=float("-inf"))
-    l = tl.load(part_l_ptr + row + s, mask=s < num_splits, other=0.0)
+    l_split = tl.load(part_l_ptr + row + s, mask=s < num_splits, other=0.0)
     m_max = tl.max(m, 0)
-    l_sum = tl.sum(l * tl.exp2(m - m_max), 0)
+    l_sum = tl.sum(l_split * tl.exp2(m - m_max), 0)
     d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for i in range(0, num_splits):
@@ -524,7 +524,7 @@ def _window(sliding_window: int | None) -> int:
     return _NO_WINDOW if sliding_window is None else sliding_window
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms_cuda(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import time
 
-from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvtier.request import Request, RequestStatus
 from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -44,7 +44,8 @@ class Scheduler:
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
-    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+    def finish_requests(self, request_ids: list[str], status: RequestStatus,
+                        stop_reason: int | str | None = None) -> None:
         """Finish (stop string, abort, ...) requests wherever they are; frees their blocks."""
         for request_id in request_ids:
             request = self.requests.get(request_id)
@@ -54,7 +55,7 @@ class Scheduler:
                 self.running.remove(request)
             else:
                 self.waiting.remove(request)
-            request.finish(status)
+            request.finish(status, stop_reason)
             self._release(request)
 
     def _release(self, request: Request) -> None:
@@ -84,7 +85,7 @@ class Scheduler:
         self.num_steps += 1
         return out
 
-    def _schedule_running(self, budget: int, scheduled: list, preempted: list,
+    def _schedule_running(self, budget: int, scheduled: list[tuple[Request, int]], preempted: list[Request],
                           only: frozenset[str] | None) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
@@ -113,7 +114,8 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, budget: int, scheduled: list, only: frozenset[str] | None) -> None:
+    def _schedule_waiting(self, budget: int, scheduled: list[tuple[Request, int]],
+                          only: frozenset[str] | None) -> None:
         if only is not None:  # admit only those; the queue keeps its order
             queued = list(self.waiting)
             self.waiting = collections.deque(r for r in queued if r.request_id in only)
@@ -137,7 +139,7 @@ class Scheduler:
             scheduled.append((request, num_new))
             budget -= num_new
 
-    def _record_hit(self, request: Request, hit) -> None:
+    def _record_hit(self, request: Request, hit: PrefixHit) -> None:
         bs = self.kv_cache.block_size
         request.metrics.num_cached_tokens = hit.num_tokens
         request.metrics.num_cached_tokens_by_tier = {"gpu": len(hit.gpu) * bs, "cpu": len(hit.cpu) * bs}
@@ -180,7 +182,7 @@ class Scheduler:
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 status = RequestStatus.FINISHED_STOPPED
-            elif token in params.stop_token_ids:
+            elif token in (params.stop_token_ids or ()):  # a list once SamplingParams is built
                 status, reason = RequestStatus.FINISHED_STOPPED, token
         if status is None and (request.num_output_tokens >= (params.max_tokens or float("inf"))
                                or request.num_tokens >= self.config.max_model_len):

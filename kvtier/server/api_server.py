@@ -15,8 +15,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from types import FrameType
-from typing import Any, AsyncIterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request

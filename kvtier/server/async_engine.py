@@ -25,7 +25,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kvtier.engine.llm_engine import LLMEngine
 from kvtier.outputs import RequestOutput

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.sampling_params import SamplingParams

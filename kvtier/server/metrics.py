@@ -8,7 +8,7 @@ Names follow vLLM's (`vllm:prompt_tokens_total` -> `kvtier_prompt_tokens_total`)
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric

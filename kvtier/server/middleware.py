@@ -12,7 +12,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvtier.server.errors import error_response
 
-
 # Routes anyone may call, as in vLLM: they run no model and read no tokenizer. Every other route, those
 # added later included, needs the key (/tokenize and /detokenize run the engine's tokenizer).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})

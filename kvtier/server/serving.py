@@ -15,7 +15,8 @@ import dataclasses
 import json
 import threading
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,8 +27,14 @@ from kvtier.outputs import RequestOutput
 from kvtier.server.async_engine import AsyncEngine, EngineError, EngineRequest, OutputStream, QueueFullError
 from kvtier.server.errors import APIError, error_body
 from kvtier.server.formats import ChatFormat, CompletionFormat, ResponseFormat, usage
-from kvtier.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
-                                   GenerationRequest, TokenizeRequest)
+from kvtier.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationRequest,
+    TokenizeRequest,
+)
 
 T = TypeVar("T")
 DEFAULT_MAX_BODY_BYTES = 16 << 20

@@ -1,0 +1,82 @@
+"""The engine's command-line flags, generated from EngineConfig's fields with vLLM's names
+(--gpu-memory-utilization, --max-model-len, --enable-prefix-caching/--no-enable-prefix-caching, ...).
+
+Beside EngineConfig, not in cli.py, so that every command that builds an engine (kvtier.cli and
+kvtier.benchmarks.cli) imports it from below: cli -> benchmarks.cli -> engine_args -> config.
+Kept out of config.py so that the validated dataclass the engine reads carries no argparse or
+help text (as vLLM's EngineArgs sits in engine/arg_utils.py, apart from its configs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from kvtier.config import DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
+
+_ENGINE_HELP = {
+    "model": "model: a local HF directory, a .gguf file, or with --load-format dummy a config name "
+             "(llama3-8b, llama3-1b, opt-13b, opt-30b, tiny-llama, ...); default: SmolLM2-135M-Instruct",
+    "tokenizer": "tokenizer directory (default: the model's)",
+    "load_format": "auto (directory or .gguf), safetensors, gguf, or dummy (random weights)",
+    "dtype": "weights and KV dtype; auto = bfloat16 on GPU, float32 on CPU",
+    "device": "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N",
+    "seed": "random seed (dummy weights, sampling)",
+    "block_size": "tokens per KV cache block",
+    "gpu_memory_utilization": "fraction of GPU memory the engine may use (weights + activations + KV)",
+    "kv_cache_memory": "KV cache size in bytes or with a unit (e.g. 4GiB); overrides "
+                       "--gpu-memory-utilization (default: 2GiB on CPU, what the utilization leaves on GPU); "
+                       "a cache smaller than one longest sequence lowers max_model_len, with a warning",
+    "num_gpu_blocks_override": "exact number of KV blocks instead of sizing the cache from memory (testing)",
+    "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's, lowered with a "
+                     "warning to what the KV cache holds; a value set here that does not fit is an error)",
+    "max_num_seqs": "most sequences running at once (one step serves them all)",
+    "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
+    "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
+    "skip_tokenizer_init": "load no tokenizer; prompts must be token ids",
+    "enforce_eager": "never capture CUDA graphs",
+    "attention_backend": "torch (PyTorch's fused scaled_dot_product_attention over the paged cache) or "
+                         "triton (kvtier's kernels); default: triton on GPU, torch on CPU",
+    "kv_offloading_size": "GiB of pinned CPU memory for the CPU KV tier (evicted prefix blocks and "
+                          "swapped requests go there); 0 = off",
+    "kv_offloading_policy": "write-through: copy every block to CPU once full, beside later steps; "
+                            "write-back: copy a block when the GPU evicts it, on the critical path of the "
+                            "request that needs the space",
+    "cpu_threads": "torch threads for the model on the CPU; default: OMP_NUM_THREADS if set, else the "
+                   "cores this process may use. Beside other busy processes a lower value (even 1) "
+                   "can be many times faster. On a GPU applied only when given",
+}
+_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
+            "kv_offloading_policy": OFFLOAD_POLICIES}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    """One flag per EngineConfig field in an `engine` group; the model also as a positional MODEL."""
+    group = parser.add_argument_group("engine")
+    if positional_model:
+        group.add_argument("model_pos", nargs="?", metavar="MODEL", help=_ENGINE_HELP["model"])
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": _ENGINE_HELP.get(f.name)}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "kv_cache_memory":
+            kwargs["type"] = str
+        elif f.type in ("int", "int | None"):
+            kwargs["type"] = int
+        elif f.type == "float":
+            kwargs["type"] = float
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        group.add_argument(flag, **kwargs)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig's fields from parsed flags, for LLM(**...); MODEL and --model must not disagree."""
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    if getattr(args, "model_pos", None) is not None:
+        if args.model and args.model != args.model_pos:
+            raise SystemExit(f"error: model given twice ({args.model_pos!r} and --model {args.model!r})")
+        kwargs["model"] = args.model_pos
+    return kwargs

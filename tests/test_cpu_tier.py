@@ -4,7 +4,9 @@ evicting only blocks nobody uses; a failed pinned allocation degrading to a smal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import pickle
 
 import pytest
 import torch
@@ -14,8 +16,10 @@ from kvtier import LLM
 from kvtier.cache.hashing import hash_full_blocks
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.storage import Kind, Layout, StorageSpec, Tier
+from kvtier.cache.transfers import Move, Stage, TransferPlan
 from kvtier.engine import host_kv_pool
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
+from kvtier.offload.policies import ALWAYS_SWAP, CostModelSwap
 from kvtier.request import Request
 from kvtier.sampling_params import SamplingParams
 
@@ -44,7 +48,7 @@ def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
     is tested on its own)."""
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
     engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
-    engine.kv_cache.swap_pays = lambda num_tokens: True
+    engine.kv_cache.swap_policy = ALWAYS_SWAP
     execute = engine.runner.execute
 
     def counting_execute(plan):
@@ -160,7 +164,7 @@ def test_full_cpu_pool_evicts_only_unused_blocks():
     held.num_computed_tokens = 0
     assert hit.swapped and hit.num_tokens == 8 and [b.block_id for b in hit.cpu] == held_cpu
     assert mgr.allocate_slots(held, 1, hit)
-    assert [c for c, _ in mgr.take_transfers(9).loads] == held_cpu
+    assert [c for c, _ in mgr.take_transfers(9).pairs(Tier.CPU, Tier.GPU)] == held_cpu
     mgr.complete_transfers(9)
     mgr.free(held)
     mgr.check_integrity()
@@ -176,7 +180,7 @@ def test_swap_decision_follows_the_cost_model(tiny_model_dir):
     path, _ = tiny_model_dir("tiny-llama")
     ref = tier_off_reference(path)
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
-    llm.engine.kv_cache.swap_pays = cheap_kv.swap_pays
+    llm.engine.kv_cache.swap_policy = CostModelSwap(cheap_kv)
     outs = llm.generate(waves()[0], greedy(NEW_TOKENS), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [ref[f"0-{i}"] for i in range(len(outs))]
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.kv_cache.num_swaps_out == 0
@@ -223,19 +227,23 @@ def test_bad_offloading_size_is_a_clear_error(tiny_model_dir):
         LLM(str(path), skip_tokenizer_init=True, kv_offloading_policy="sometimes")
 
 
+def moves(step_id: int, src: Tier, dst: Tier, pairs: list[tuple[int, int]]) -> TransferPlan:
+    """A plan of one BEFORE move of whole KV blocks, pairs (src_block_id, dst_block_id)."""
+    return TransferPlan(step_id, (Move(src, dst, Kind.KV, tuple(pairs), Stage.BEFORE),))
+
+
 @pytest.mark.parametrize("cpu_ids,split", [([1, 4], False), ([3, 4], True)])
 def test_transfer_round_trip_is_byte_exact(cpu_ids, split):
     """Stores, then loads: scattered CPU blocks move whole, runs of them layer group by group."""
-    from kvtier.cache.transfers import KVTransfers
     from kvtier.engine.transfer_engine import TransferEngine
     gpu = torch.randn(4, 2, 8, 4, 2, 8)  # (L, 2, Ng, bs, Hkv, D)
     cpu = torch.randn(5, 4, 2, 4, 2, 8)  # (Nc, L, 2, bs, Hkv, D)
     eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
     assert len(eng.group_layers) == 2 and eng.can_split
     before = gpu.clone()
-    eng.before_forward(KVTransfers(stores=[(6, cpu_ids[0]), (2, cpu_ids[1])], step_id=0))
+    eng.before_forward(moves(0, Tier.GPU, Tier.CPU, [(6, cpu_ids[0]), (2, cpu_ids[1])]))
     assert torch.equal(cpu[cpu_ids[0]], before[:, :, 6]) and torch.equal(cpu[cpu_ids[1]], before[:, :, 2])
-    eng.before_forward(KVTransfers(loads=[(cpu_ids[0], 0), (cpu_ids[1], 7)], step_id=1))
+    eng.before_forward(moves(1, Tier.CPU, Tier.GPU, [(cpu_ids[0], 0), (cpu_ids[1], 7)]))
     assert eng.num_split_loads == split
     assert torch.equal(gpu[:, :, 0], before[:, :, 6]) and torch.equal(gpu[:, :, 7], before[:, :, 2])
     untouched = [i for i in range(8) if i not in (0, 7)]
@@ -261,7 +269,6 @@ def test_dma_runs_merge_consecutive_blocks_within_a_pinned_chunk():
 
 def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
     """More blocks than the staging buffer holds, across pinned-chunk boundaries: still exact."""
-    from kvtier.cache.transfers import KVTransfers
     from kvtier.engine import transfer_engine
     gpu = torch.randn(2, 2, 16, 4, 1, 4)
     cpu = torch.randn(12, 2, 2, 4, 1, 4)
@@ -270,11 +277,51 @@ def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
     assert eng.staging["to_cpu"].shape[0] == 3
     pairs = [(g, c) for g, c in zip([1, 5, 2, 9, 14, 0, 7, 3], [3, 4, 5, 6, 2, 1, 11, 0])]
     before = gpu.clone()
-    eng.before_forward(KVTransfers(stores=pairs, step_id=0))
+    eng.before_forward(moves(0, Tier.GPU, Tier.CPU, pairs))
     for g, c in pairs:
         assert torch.equal(cpu[c], before[:, :, g])
     gpu.zero_()
-    eng.before_forward(KVTransfers(loads=[(c, g) for g, c in pairs], step_id=1))
+    eng.before_forward(moves(1, Tier.CPU, Tier.GPU, [(c, g) for g, c in pairs]))
     assert eng.num_split_loads == 1  # runs 0-3, 4-6 and 11: layer group by layer group
     for g, _ in pairs:
         assert torch.equal(gpu[:, :, g], before[:, :, g])
+
+
+def test_operations_without_a_handler_fail_before_anything_moves():
+    """Each Move goes to the handler of its (src, dst) tiers; what none executes is refused whole."""
+    from kvtier.cache.transfers import Recompute
+    from kvtier.engine.transfer_engine import TransferEngine
+    gpu, cpu = torch.randn(2, 2, 4, 4, 1, 4), torch.zeros(3, 2, 2, 4, 1, 4)
+    eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
+    store = Move(Tier.GPU, Tier.CPU, Kind.KV, ((1, 0),), Stage.BEFORE)
+    for bad, match in [(Move(Tier.GPU, Tier.DISK, Kind.KV, ((1, 0),), Stage.BEFORE), "gpu -> disk"),
+                       (Recompute("r", (0, 16)), "not executed yet"),
+                       (dataclasses.replace(store, layers=(0, 1)), "whole KV blocks"),
+                       (dataclasses.replace(store, ephemeral=True), "whole KV blocks")]:
+        with pytest.raises(NotImplementedError, match=match):
+            eng.before_forward(TransferPlan(0, (store, bad)))
+        assert not cpu.any(), "nothing was issued"
+    eng.before_forward(TransferPlan(1, (store,)))
+    assert torch.equal(cpu[0], gpu[:, :, 1])
+
+
+def test_offload_policies_are_plain_data():
+    from kvtier.offload.policies import ALWAYS_SWAP, NEVER_SWAP, WRITE_BACK, WRITE_THROUGH, CostModelSwap
+    cost = SwapCostModel(HardwareRates(50e9, 700e12), kv_bytes_per_token=131072, flops_per_token=16e9)
+    assert ALWAYS_SWAP.swap_pays(1) and not NEVER_SWAP.swap_pays(1) and CostModelSwap(cost).swap_pays(2048)
+    assert WRITE_BACK.store_stage is Stage.BEFORE and WRITE_THROUGH.store_stage is Stage.AFTER
+    for policy in (ALWAYS_SWAP, CostModelSwap(cost), WRITE_THROUGH):
+        assert pickle.loads(pickle.dumps(policy)) == policy
+
+
+def test_a_transfer_plan_pickles():
+    from kvtier.cache.transfers import Recompute
+    mgr = KVCacheManager(num_blocks=4, block_size=4, num_cpu_blocks=4)
+    req = _request("r", list(range(10, 18)))
+    assert mgr.allocate_slots(req, 8)
+    req.num_computed_tokens = 8
+    assert mgr.swap_out(req)
+    plan = mgr.take_transfers(0)
+    plan = TransferPlan(plan.step_id, plan.operations + (Recompute("r", (0, 8), (0, 2)),))
+    assert plan.pairs(Tier.GPU, Tier.CPU, Stage.BEFORE) == [(0, 0), (1, 1)]
+    assert pickle.loads(pickle.dumps(plan)) == plan

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from conftest import greedy
 from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.cache.storage import Tier
+from kvtier.cache.transfers import Stage
 from kvtier.request import Request, RequestStatus
 from kvtier.scheduler.output import RunnerOutput, SampledToken, SchedulerOutput
 from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
 
 BS = 4
+STORES, LOADS = (Tier.GPU, Tier.CPU, Stage.BEFORE), (Tier.CPU, Tier.GPU)  # plan.transfers.pairs(...)
 
 
 def make(num_blocks: int, budget: int = 32, max_num_seqs: int = 4, caching: bool = False,
@@ -142,13 +145,13 @@ def test_swapped_request_resumes_from_the_cpu_tier_without_recomputing():
     plan = step(sched, [("A", 8, 1, True)], {"A": 101})
     assert plan.preempted_request_ids == ["B"]
     # B's 5 computed tokens (2 blocks) are copied out before A's forward reuses one of them.
-    assert plan.transfers.stores == [(2, 0), (3, 1)] and plan.transfers.loads == []
+    assert plan.transfers.pairs(*STORES) == [(2, 0), (3, 1)] and plan.transfers.pairs(*LOADS) == []
     assert sched.kv_cache.num_held_cpu_blocks() == 2 and sched.kv_cache.num_swaps_out == 1
     sched.finish_requests(["A"], RequestStatus.FINISHED_ABORTED)
     # B resumes at position 5 (only its sampled token is new), its blocks loaded back.
     plan = step(sched, [("B", 5, 1, True)], {"B": 201})
     gpu_ids = item(plan, "B").block_ids
     assert item(plan, "B").token_ids == [200] and len(gpu_ids) == 2
-    assert plan.transfers.loads == [(0, gpu_ids[0]), (1, gpu_ids[1])] and plan.transfers.stores == []
+    assert plan.transfers.pairs(*LOADS) == [(0, gpu_ids[0]), (1, gpu_ids[1])] and plan.transfers.pairs(*STORES) == []
     assert sched.kv_cache.num_held_cpu_blocks() == 0 and sched.kv_cache.num_swaps_in == 1
     assert b.output_token_ids == [200, 201] and b.metrics.num_preemptions == 1

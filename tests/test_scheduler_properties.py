@@ -12,6 +12,9 @@ import random
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.cache.storage import Tier
+from kvtier.cache.transfers import Stage
+from kvtier.offload.policies import WRITE_BACK, WRITE_THROUGH
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParams
 from kvtier.scheduler.output import RunnerOutput, SampledToken
@@ -43,9 +46,10 @@ def check_transfers(plan, in_flight: dict[int, set[int]]):
     (A load may read a CPU block whose store is still in flight: loads are issued after, and wait
     for, every store issued before them.)"""
     t = plan.transfers
-    stored = [c for _, c in t.stores + t.stores_after]
+    stored = [c for _, c in t.pairs(Tier.GPU, Tier.CPU, Stage.BEFORE) + t.pairs(Tier.GPU, Tier.CPU, Stage.AFTER)]
     assert len(set(stored)) == len(stored), "two stores into one CPU block"
-    assert len({g for _, g in t.loads}) == len(t.loads), "two loads into one GPU block"
+    loads = t.pairs(Tier.CPU, Tier.GPU)
+    assert len({g for _, g in loads}) == len(loads), "two loads into one GPU block"
     busy = set().union(*in_flight.values()) if in_flight else set()
     assert not busy & set(stored), "a CPU block in flight was reused"
     in_flight[t.step_id] = set(stored)
@@ -74,7 +78,8 @@ def complete_all(sched, in_flight):
 def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, cpu_blocks, write_through, seed):
     rng = random.Random(seed)
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=num_blocks * 4)
-    sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching, cpu_blocks, write_through))
+    demotion = WRITE_THROUGH if write_through else WRITE_BACK
+    sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching, cpu_blocks, demotion))
     in_flight: dict[int, set[int]] = {}
     prefixes = [[rng.randrange(4, 50) for _ in range(12)] for _ in range(4)]
     ids = []

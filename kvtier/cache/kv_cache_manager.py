@@ -6,24 +6,28 @@ later request with the same prefix (and the same cache salt) reuses them.
 
 With a CPU tier (`num_cpu_blocks > 0`) a cached block may live on the GPU, on the CPU, or both
 (the tier map is the two pools' hash maps):
-- demotion: write-back copies a cached GPU block to the CPU when the GPU pool evicts it;
-  write-through copies every block once it is full. Either way its hash moves with it.
+- demotion (the `DemotionPolicy`, kvtier/offload/policies.py): write-back copies a cached GPU block
+  to the CPU when the GPU pool evicts it; write-through copies every block once it is full. Either
+  way its hash moves with it.
 - prefix lookup goes GPU, then CPU: the leading blocks found on the GPU are shared, the following
   ones found on the CPU are loaded into fresh GPU blocks.
-- swap: a preempted request's computed blocks (the partial last one too) go to CPU blocks that
-  the request holds while it waits; when it resumes they are loaded back.
-The copies themselves are only recorded here (`KVTransfers`); the runner's transfer engine issues
-them. Who holds a CPU block: swapped requests (one reference each) and in-flight copies.
+- swap: when the `SwapPolicy` says it pays, a preempted request's computed blocks (the partial
+  last one too) go to CPU blocks that the request holds while it waits; when it resumes they are
+  loaded back.
+The copies themselves are only recorded here, as typed `Move`s of a `TransferPlan`
+(kvtier/cache/transfers.py); the runner's transfer engine issues them. Who holds a CPU block:
+swapped requests (one reference each) and in-flight copies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from kvtier.cache.block_pool import Block, BlockPool
 from kvtier.cache.hashing import hash_full_blocks
-from kvtier.cache.transfers import KVTransfers, PendingTransfers
+from kvtier.cache.storage import Tier
+from kvtier.cache.transfers import MoveBuilder, PendingTransfers, Stage, TransferPlan
+from kvtier.offload.policies import ALWAYS_SWAP, WRITE_BACK, DemotionPolicy, SwapPolicy
 from kvtier.request import Request
 
 
@@ -41,21 +45,22 @@ NO_HIT = PrefixHit([], [], 0)
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_cpu_blocks: int = 0, write_through: bool = False):
+                 num_cpu_blocks: int = 0, demotion: DemotionPolicy = WRITE_BACK,
+                 swap_policy: SwapPolicy = ALWAYS_SWAP):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.cpu_pool = BlockPool(num_cpu_blocks, enable_prefix_caching) if num_cpu_blocks else None
-        self.write_through = write_through and self.cpu_pool is not None
-        if self.cpu_pool is not None and not write_through:
+        self.demotion = demotion
+        self.swap_policy = swap_policy
+        if self.cpu_pool is not None and not demotion.store_when_full:
             self.pool.on_evict = self._demote
-        self.swap_pays: Callable[[int], bool] = lambda num_tokens: True  # the engine's cost model
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids (the block table)
         self.req_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the pool
         self.swapped: dict[str, tuple[list[Block], int]] = {}  # request id -> (CPU blocks, tokens)
-        self.transfers = KVTransfers()  # the copies of the step being planned
+        self.moves = MoveBuilder()  # the copies of the step being planned
         self.pending = PendingTransfers()
         self.prefix_queries = 0  # prompt tokens of admitted requests
         self.prefix_hits = 0  # of which found on the GPU
@@ -126,7 +131,8 @@ class KVCacheManager:
         for block in hit.cpu:  # before the GPU allocation below demotes blocks into the CPU pool
             self.pending.protect(self._cpu, block)
         new = self.pool.allocate(max(num_new_blocks, 0))
-        self.transfers.loads += [(c.block_id, g.block_id) for c, g in zip(hit.cpu, new)]
+        for cpu_block, gpu_block in zip(hit.cpu, new):
+            self.moves.add(Tier.CPU, Tier.GPU, Stage.BEFORE, cpu_block.block_id, gpu_block.block_id)
         new = hit.gpu + new
         self.req_blocks.setdefault(request.request_id, []).extend(new)
         self.req_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new)
@@ -164,9 +170,9 @@ class KVCacheManager:
         hashes = self._hashes(request)
         blocks = self.req_blocks[request.request_id]
         for i in range(done, min(num_full, len(hashes))):
-            if (self.pool.cache_block(blocks[i], hashes[i]) and self.write_through
-                    and self._cpu.lookup(hashes[i]) is None):
-                self._store(blocks[i], after_forward=True)
+            if (self.pool.cache_block(blocks[i], hashes[i]) and self.cpu_pool is not None
+                    and self.demotion.store_when_full and self.cpu_pool.lookup(hashes[i]) is None):
+                self._store(blocks[i], self.demotion.store_stage)
         self.req_num_cached[request.request_id] = min(num_full, len(hashes))
 
     # -- the CPU tier ---------------------------------------------------------------------------
@@ -174,10 +180,10 @@ class KVCacheManager:
     def _demote(self, block: Block) -> None:
         """GPU eviction hook (write-back): keep the evicted block's KV on the CPU."""
         assert block.block_hash is not None  # the pool calls on_evict only for cached blocks
-        if self._cpu.lookup(block.block_hash) is None and self._store(block, after_forward=False):
+        if self._cpu.lookup(block.block_hash) is None and self._store(block, self.demotion.store_stage):
             self.num_demotions += 1
 
-    def _store(self, block: Block, after_forward: bool) -> Block | None:
+    def _store(self, block: Block, stage: Stage) -> Block | None:
         """Copy a GPU block into a new CPU block (under its hash, if any); None if the CPU pool is
         full of blocks in use. The new block's reference belongs to the copy."""
         cpu_pool = self._cpu
@@ -188,20 +194,18 @@ class KVCacheManager:
         self.pending.current.append((cpu_pool, cpu_block))
         if block.block_hash is not None:
             cpu_pool.cache_block(cpu_block, block.block_hash)
-        if after_forward:  # the GPU block stays cached: keep it until the copy has read it
+        if stage is Stage.AFTER:  # the GPU block stays cached: keep it until the copy has read it
             self.pending.protect(self.pool, block)
-            self.transfers.stores_after.append((block.block_id, cpu_block.block_id))
-        else:
-            self.transfers.stores.append((block.block_id, cpu_block.block_id))
+        self.moves.add(Tier.GPU, Tier.CPU, stage, block.block_id, cpu_block.block_id)
         return cpu_block
 
     def swap_out(self, request: Request) -> bool:
         """Move a preempted request's computed blocks to CPU blocks it holds while waiting.
 
-        Returns False (and changes nothing) when the tier is off, the cost model prefers
+        Returns False (and changes nothing) when the tier is off, the swap policy prefers
         recomputation, or the CPU pool lacks room; the caller then frees the blocks."""
         num_tokens = request.num_computed_tokens
-        if self.cpu_pool is None or num_tokens == 0 or not self.swap_pays(num_tokens):
+        if self.cpu_pool is None or num_tokens == 0 or not self.swap_policy.swap_pays(num_tokens):
             return False
         blocks = self.req_blocks.get(request.request_id, [])[:self.blocks_needed(num_tokens)]
         on_cpu = [self.cpu_pool.lookup(b.block_hash) if b.block_hash is not None else None for b in blocks]
@@ -212,7 +216,7 @@ class KVCacheManager:
         cpu_blocks = []
         for block, cpu_block in zip(blocks, on_cpu):
             if cpu_block is None:
-                cpu_block = self._store(block, after_forward=False)
+                cpu_block = self._store(block, Stage.BEFORE)  # before the blocks are reused
                 assert cpu_block is not None  # room was checked above
                 self.cpu_pool.touch([cpu_block])  # the request's own reference
             cpu_blocks.append(cpu_block)
@@ -221,13 +225,12 @@ class KVCacheManager:
         self.num_swaps_out += 1
         return True
 
-    def take_transfers(self, step_id: int) -> KVTransfers:
+    def take_transfers(self, step_id: int) -> TransferPlan:
         """Hand the planned copies to the runner; their protections now belong to `step_id`."""
-        plan, self.transfers = self.transfers, KVTransfers()
-        plan.step_id = step_id
+        plan = self.moves.take(step_id)
         self.pending.seal(step_id)
-        self.num_blocks_to_cpu += plan.num_blocks_to_cpu
-        self.num_blocks_to_gpu += len(plan.loads)
+        self.num_blocks_to_cpu += plan.num_blocks(Tier.GPU, Tier.CPU)
+        self.num_blocks_to_gpu += plan.num_blocks(Tier.CPU, Tier.GPU)
         return plan
 
     def complete_transfers(self, step_id: int) -> None:

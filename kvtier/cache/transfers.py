@@ -1,38 +1,109 @@
-"""A step's KV transfer plan between the GPU and CPU tiers, and who is protected until it lands.
+"""A step's copies between tiers as typed operations, and who is protected until they land.
 
-The cache manager fills one `KVTransfers` while the scheduler plans a step; the runner's transfer
-engine issues it in this order, on copy streams, around the step's forward pass:
+The cache manager collects the copies while the scheduler plans a step (`MoveBuilder`) and hands
+them over as a `TransferPlan`: a tuple of operations, run in order by the runner's transfer engine
+(kvtier/engine/transfer_engine.py), which dispatches each `Move` to the handler registered for its
+(src tier, dst tier). Today the cache manager emits, in this order:
 
-    stores (GPU -> CPU)   demoted and swapped-out blocks: read before the forward overwrites them
-    loads  (CPU -> GPU)   prefix hits on CPU and swapped-in blocks: the forward waits for them
+    Move(GPU -> CPU, BEFORE)  demoted (write-back) and swapped-out blocks: read before the forward
+                              overwrites them
+    Move(CPU -> GPU, BEFORE)  prefix hits on CPU and swapped-in blocks: issued before the forward,
+                              which waits for them layer group by layer group
     forward pass
-    stores_after          write-through copies of blocks that this forward filled
+    Move(GPU -> CPU, AFTER)   write-through copies of blocks that this forward filled
 
 Every block a transfer reads or writes carries one extra reference until the step's copies have
 completed (`PendingTransfers.complete`), so neither tier can evict and reuse it mid-copy.
+
+Operations are frozen plain data (ids, enums, tuples): a plan pickles, can cross a process
+boundary or wait a step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from kvtier.cache.block_pool import Block, BlockPool
+from kvtier.cache.storage import Kind, Tier
 
 
-@dataclasses.dataclass
-class KVTransfers:
-    stores: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (gpu_block_id, cpu_block_id)
-    loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (cpu_block_id, gpu_block_id)
-    stores_after: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (gpu, cpu), post-forward
+class Stage(enum.Enum):
+    BEFORE = "before"  # issued before the step's forward
+    PER_LAYER = "per-layer"  # issued layer by layer during the forward (no executor yet)
+    AFTER = "after"  # issued after the forward; nothing in the step waits for it
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """Copy blocks of one kind from one tier to another: block_pairs are always
+    (src_block_id, dst_block_id). layers: [first, end) of the layers moved, None for all;
+    ephemeral: into a staging slot rather than a permanent block of the destination pool."""
+    src: Tier
+    dst: Tier
+    kind: Kind
+    block_pairs: tuple[tuple[int, int], ...]
+    stage: Stage
+    layers: tuple[int, int] | None = None
+    ephemeral: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute:
+    """Recompute the K/V of a request's tokens [start, end) in `layers` (None: all) from what is
+    kept (KVPR). Declared only: nothing emits it yet, and the transfer engine refuses a plan that
+    carries one."""
+    request_id: str
+    token_range: tuple[int, int]
+    layers: tuple[int, int] | None = None
+
+
+Operation = Move | Recompute
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferPlan:
     step_id: int = -1
+    operations: tuple[Operation, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not (self.stores or self.loads or self.stores_after)
+        return not self.operations
 
-    @property
-    def num_blocks_to_cpu(self) -> int:
-        return len(self.stores) + len(self.stores_after)
+    def pairs(self, src: Tier, dst: Tier, stage: Stage | None = None) -> list[tuple[int, int]]:
+        """(src_block_id, dst_block_id) of every Move src -> dst (at `stage`, if given), in order."""
+        return [pair for op in self.operations
+                if isinstance(op, Move) and op.src is src and op.dst is dst and stage in (None, op.stage)
+                for pair in op.block_pairs]
+
+    def num_blocks(self, src: Tier, dst: Tier) -> int:
+        return sum(len(op.block_pairs) for op in self.operations
+                   if isinstance(op, Move) and op.src is src and op.dst is dst)
+
+
+# The order in which a step's moves run: this step's stores before its loads, because a block
+# being loaded into may be one just evicted and still being copied out.
+MOVE_ORDER = ((Tier.GPU, Tier.CPU, Stage.BEFORE), (Tier.CPU, Tier.GPU, Stage.BEFORE),
+              (Tier.GPU, Tier.CPU, Stage.AFTER))
+
+
+class MoveBuilder:
+    """The block pairs of the step being planned, per (src, dst, stage), until `take`."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[Tier, Tier, Stage], list[tuple[int, int]]] = {}
+
+    def add(self, src: Tier, dst: Tier, stage: Stage, src_block_id: int, dst_block_id: int) -> None:
+        self._pairs.setdefault((src, dst, stage), []).append((src_block_id, dst_block_id))
+
+    def take(self, step_id: int) -> TransferPlan:
+        """The collected moves as step `step_id`'s plan (in MOVE_ORDER); the builder starts empty."""
+        pairs, self._pairs = self._pairs, {}
+        unknown = set(pairs) - set(MOVE_ORDER)
+        assert not unknown, f"moves with no place in MOVE_ORDER: {unknown}"
+        moves = tuple(Move(src, dst, Kind.KV, tuple(pairs[src, dst, stage]), stage)
+                      for src, dst, stage in MOVE_ORDER if (src, dst, stage) in pairs)
+        return TransferPlan(step_id, moves)
 
 
 class PendingTransfers:

@@ -23,6 +23,7 @@ from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine, transfe
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
+from kvtier.offload.policies import ALWAYS_SWAP, DEMOTION_POLICIES, CostModelSwap
 from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import RequestOutput
 from kvtier.request import Request, RequestStatus
@@ -90,12 +91,11 @@ class LLMEngine:
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
             self.runner.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
+        self.swap_cost = self._swap_cost_model(model) if self.host_pool is not None else None
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                        self.host_pool.num_blocks if self.host_pool else 0,
-                                       write_through=config.kv_offloading_policy == "write-through")
-        if self.host_pool is not None:
-            self.swap_cost = self._swap_cost_model(model)
-            self.kv_cache.swap_pays = self.swap_cost.swap_pays
+                                       DEMOTION_POLICIES[config.kv_offloading_policy],
+                                       CostModelSwap(self.swap_cost) if self.swap_cost else ALWAYS_SWAP)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv_cache)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -383,8 +383,8 @@ class LLMEngine:
         self.step_log.append(StepRecord(
             plan.num_batched_tokens, len(seq_lens), plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
             seconds, time.time(), num_prefill_tokens=plan.num_batched_tokens - num_decode,
-            num_decode_tokens=num_decode, num_blocks_loaded=len(moves.loads),
-            num_blocks_stored=moves.num_blocks_to_cpu, compiled_variants=num_compiled_variants()))
+            num_decode_tokens=num_decode, num_blocks_loaded=moves.num_blocks(Tier.CPU, Tier.GPU),
+            num_blocks_stored=moves.num_blocks(Tier.GPU, Tier.CPU), compiled_variants=num_compiled_variants()))
 
     def _apply_tokens(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[str]:
         """Text and logprobs of the step's tokens; finishes what a stop string or a failure ended.

@@ -21,9 +21,14 @@ cross the link. A load of scattered blocks moves whole blocks instead: a block's
 separate copies would double the per-copy cost (H100: 256 scattered blocks reloaded at 48.5 GB/s
 whole, 43.6 GB/s in two groups, 40.9 in four).
 
-One step with stores and loads, on a GPU (see kvtier/cache/transfers.py for who plans what):
+A step's plan is a tuple of typed operations (kvtier/cache/transfers.py, which says who plans
+what); each `Move` goes to the handler registered for its (src tier, dst tier): `_store` for
+GPU -> CPU, `_load` for CPU -> GPU. An operation no handler executes (a Recompute, a Move between
+other tiers, of one layer range, into a staging slot) fails the step before anything is issued.
 
-    store stream:  wait(compute) -> stores --------------------------------> wait(compute) -> stores_after
+One step with stores and loads, on a GPU:
+
+    store stream:  wait(compute) -> stores --------------------------------> wait(compute) -> AFTER stores
     load stream:   wait(compute, this step's stores) -> load g0 -> load g1 ...
     compute:       [layers of g0] wait(load g0) -> ... -> [layers of g1] wait(load g1) -> ...
 
@@ -33,7 +38,7 @@ for this step's stores because a block being loaded into may be one just evicted
 copied out. The forward waits for the loads layer group by layer group (without loads, for the
 stores before its first layer: it may write into a block being copied out); a decode replayed as
 a CUDA graph waits segment by segment (kvtier/engine/cuda_graphs.py). Write-through stores
-(stores_after) read blocks that stay referenced until they complete, so nothing waits for them:
+(the AFTER moves) read blocks that stay referenced until they complete, so nothing waits for them:
 they run beside later steps. On the CPU the same staged path runs as plain copies, in order, and
 completes at once.
 """
@@ -43,10 +48,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
-from kvtier.cache.transfers import KVTransfers
+from kvtier.cache.storage import Kind, Tier
+from kvtier.cache.transfers import Move, Operation, Recompute, Stage, TransferPlan
 from kvtier.ops import dma
 from kvtier.ops.kv_transfer import copy_blocks
 
@@ -67,6 +74,18 @@ def layer_groups(num_layers: int) -> int:
 class _InFlight:
     step_id: int
     timed: list[tuple[str, torch.cuda.Event, torch.cuda.Event]]  # (direction, start, end)
+
+
+@dataclasses.dataclass
+class _Step:
+    """What the handlers of one step share: its in-flight record, the end of its BEFORE stores
+    (its loads wait for them) and the events the forward waits for per layer group."""
+    flight: _InFlight
+    stores_end: torch.cuda.Event | None = None
+    ready: list[torch.cuda.Event] | None = None
+
+
+MoveHandler = Callable[[Move, _Step], None]
 
 
 @dataclasses.dataclass
@@ -119,6 +138,10 @@ class TransferEngine:
         self.seconds = {"to_cpu": 0.0, "to_gpu": 0.0}
         self.bytes = {"to_cpu": 0, "to_gpu": 0}
         self.num_split_loads = 0  # loads that went layer group by layer group
+        self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
+        self.register(Tier.GPU, Tier.CPU, self._store)
+        self.register(Tier.CPU, Tier.GPU, self._load)
+        self._step = _Step(_InFlight(-1, []))  # the step whose moves are being issued
 
     def _precompile(self) -> None:
         """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
@@ -133,45 +156,78 @@ class TransferEngine:
 
     # -- issuing --------------------------------------------------------------------------------
 
-    def before_forward(self, plan: KVTransfers) -> LayerReady | None:
-        """Stores, then loads; returns what the forward must wait for per layer (None when
-        nothing is in flight: the CPU, or a step that moves nothing, like most decodes)."""
+    def register(self, src: Tier, dst: Tier, handler: MoveHandler) -> None:
+        """The handler that issues every Move src -> dst (one per pair of tiers)."""
+        self.handlers[src, dst] = handler
+
+    def before_forward(self, plan: TransferPlan) -> LayerReady | None:
+        """Checks every operation has a handler, then issues the BEFORE moves in plan order;
+        returns what the forward must wait for per layer (None when nothing is in flight: the
+        CPU, or a step that moves nothing, like most decodes)."""
         if plan.is_empty:
             return None
-        loads = [(g, c) for c, g in plan.loads]
-        split = self._split(loads)
-        if not self.on_gpu:
-            self._copy_now("to_cpu", plan.stores, False)
-            self._copy_now("to_gpu", loads, split)
-            return None
-        if not plan.stores and not loads:
-            self._inflight.append(_InFlight(plan.step_id, []))
-            return None
-        compute = torch.cuda.current_stream(self.device)
-        flight = _InFlight(plan.step_id, [])
-        ready = None
-        if plan.stores:
-            self.streams["to_cpu"].wait_stream(compute)
-            ready = self._issue("to_cpu", plan.stores, flight, split=False)
-        if loads:
-            load = self.streams["to_gpu"]
-            load.wait_stream(compute)
-            if ready is not None:  # only this step's stores: earlier write-through ones may run on
-                load.wait_event(ready[-1])
-            ready = self._issue("to_gpu", loads, flight, split)
-        self._inflight.append(flight)
-        return LayerReady(self.num_layers // len(ready), ready, self.device)
+        for op in plan.operations:
+            self._handler(op)
+        self._step = _Step(_InFlight(plan.step_id, []))
+        self._run(plan, Stage.BEFORE)
+        if self.on_gpu:
+            self._inflight.append(self._step.flight)
+        ready = self._step.ready
+        return None if ready is None else LayerReady(self.num_layers // len(ready), ready, self.device)
 
-    def after_forward(self, plan: KVTransfers) -> None:
-        """Write-through stores of blocks the forward just filled; nothing waits for them."""
+    def after_forward(self, plan: TransferPlan) -> None:
+        """The AFTER moves (write-through stores of blocks the forward just filled); nothing
+        waits for them."""
         if plan.is_empty:
             return
+        self._run(plan, Stage.AFTER)
         if not self.on_gpu:
-            self._copy_now("to_cpu", plan.stores_after, False)
             self._completed.append(plan.step_id)
-        elif plan.stores_after:
-            self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
-            self._issue("to_cpu", plan.stores_after, self._inflight[-1], split=False)
+
+    def _run(self, plan: TransferPlan, stage: Stage) -> None:
+        for op in plan.operations:
+            if isinstance(op, Move) and op.stage is stage:
+                self._handler(op)(op, self._step)
+
+    def _handler(self, op: Operation) -> MoveHandler:
+        """The handler of a Move; a clear error for what no handler executes."""
+        if isinstance(op, Recompute):
+            raise NotImplementedError(f"{op}: Recompute operations are declared but not executed yet")
+        handler = self.handlers.get((op.src, op.dst))
+        if handler is None:
+            raise NotImplementedError(f"{op.src.value} -> {op.dst.value}: no handler registered for this "
+                                      f"pair of tiers (handled: {[f'{s.value}->{d.value}' for s, d in self.handlers]})")
+        if op.kind is not Kind.KV or op.layers is not None or op.ephemeral or op.stage is Stage.PER_LAYER:
+            raise NotImplementedError(f"{op}: the GPU<->CPU handlers move whole KV blocks of all layers into "
+                                      "permanent blocks, before or after the forward")
+        return handler
+
+    def _store(self, move: Move, step: _Step) -> None:
+        """GPU -> CPU: block_pairs (gpu_block_id, cpu_block_id). A BEFORE store waits for the
+        forwards that wrote its blocks; the forward waits for it (when no load follows)."""
+        pairs = list(move.block_pairs)
+        if not self.on_gpu:
+            self._copy_now("to_cpu", pairs, False)
+            return
+        self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
+        ends = self._issue("to_cpu", pairs, step.flight, split=False)
+        if move.stage is Stage.BEFORE:
+            step.stores_end, step.ready = ends[-1], ends
+
+    def _load(self, move: Move, step: _Step) -> None:
+        """CPU -> GPU: block_pairs (cpu_block_id, gpu_block_id). Waits for the forwards that may
+        still read its destination blocks, and for this step's stores (only those: earlier
+        write-through ones may run on); the forward waits for it layer group by layer group."""
+        pairs = [(g, c) for c, g in move.block_pairs]
+        split = self._split(pairs)
+        if not self.on_gpu:
+            self._copy_now("to_gpu", pairs, split)
+            return
+        load = self.streams["to_gpu"]
+        load.wait_stream(torch.cuda.current_stream(self.device))
+        if step.stores_end is not None:
+            load.wait_event(step.stores_end)
+        step.ready = self._issue("to_gpu", pairs, step.flight, split)
 
     def _split(self, loads: list[tuple[int, int]]) -> bool:
         """Whether a load goes layer group by layer group: only when its CPU blocks come in runs."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvtier.cache.transfers import KVTransfers
+from kvtier.cache.transfers import TransferPlan
 from kvtier.sampling_params import SamplingParams
 
 
@@ -26,7 +26,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     preempted_request_ids: list[str]
     finished_request_ids: list[str]  # finished since the last plan: the runner drops their state
-    transfers: KVTransfers = dataclasses.field(default_factory=KVTransfers)  # copies between tiers
+    transfers: TransferPlan = TransferPlan()  # the step's copies between tiers, as typed operations
 
     @property
     def num_batched_tokens(self) -> int:

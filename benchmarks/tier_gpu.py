@@ -105,9 +105,10 @@ def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
     def item(i, tokens, start):
         blocks = list(range(i * per_seq, (i + 1) * per_seq))
         all_ids = torch.randint(100, vocab, (ctx + 1,), generator=g).tolist()
-        return ScheduledRequest(f"b{i}", tokens, start, blocks, True, params, all_ids, ctx)
+        return ScheduledRequest(f"b{i}", tokens, start, tuple(blocks), True, params, tuple(all_ids), ctx)
     prefill = [item(0, torch.randint(100, vocab, (ctx,), generator=g).tolist(), 0)]
     decode = [item(i, [5], ctx) for i in range(batch)]
+    runner.apply_block_diffs(prefill + decode)
     p_in, d_in = runner.prepare_inputs(prefill), runner.prepare_inputs(decode)
     return {"prefill": lambda: runner._logits(p_in), "decode": lambda: runner._logits(d_in)}, batch * per_seq
 

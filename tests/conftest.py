@@ -181,3 +181,19 @@ def smol_llm():
     """kvtier's LLM on the default model (SmolLM2 from the GGUF), fp32 on CPU."""
     from kvtier import LLM
     return LLM(max_model_len=2048, kv_cache_memory="1GiB", dtype="float32")
+
+
+class BlockTables:
+    """Whole block tables rebuilt from the plans' diffs, the way the model runner keeps them."""
+
+    def __init__(self):
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, plan) -> dict[str, list[int]]:
+        """Apply one plan's diffs; the tables of the requests it schedules, by request id."""
+        for request_id in plan.finished_request_ids + plan.preempted_request_ids:
+            self.tables.pop(request_id, None)
+        for s in plan.scheduled:
+            kept = [] if s.reset_block_table else self.tables[s.request_id]
+            self.tables[s.request_id] = kept + list(s.new_block_ids)
+        return {s.request_id: list(self.tables[s.request_id]) for s in plan.scheduled}

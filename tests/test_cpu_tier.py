@@ -325,3 +325,25 @@ def test_a_transfer_plan_pickles():
     plan = TransferPlan(plan.step_id, plan.operations + (Recompute("r", (0, 8), (0, 2)),))
     assert plan.pairs(Tier.GPU, Tier.CPU, Stage.BEFORE) == [(0, 0), (1, 1)]
     assert pickle.loads(pickle.dumps(plan)) == plan
+
+
+def test_a_step_plan_from_a_running_engine_pickles(tiny_model_dir):
+    """A plan taken mid-run, with moves between tiers in it, round-trips through pickle and holds
+    no live list: pickled when it was made, it still equals the plan after the run went on."""
+    path, _ = tiny_model_dir("tiny-llama")
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
+    engine = llm.engine
+    engine.kv_cache.swap_policy = ALWAYS_SWAP
+    execute, taken = engine.runner.execute, []
+
+    def taking(plan):
+        if not plan.transfers.is_empty and plan.scheduled:
+            taken.append((plan, pickle.dumps(plan)))
+        return execute(plan)
+    engine.runner.execute = taking
+    llm.generate(random_prompts(MIXED_LENGTHS), greedy(NEW_TOKENS, repetition_penalty=1.3), use_tqdm=False)
+    assert taken, "no step moved KV between tiers"
+    assert any(not s.reset_block_table for plan, _ in taken for s in plan.scheduled)
+    for plan, pickled in taken:
+        assert pickle.loads(pickled) == plan
+        assert all(s.all_token_ids for s in plan.scheduled)  # penalized: the sampler's snapshot

@@ -13,8 +13,13 @@ from kvtier import LLM
 POISON = [7, 7, 7, 7, 7]  # a prompt starting with these fails wherever the fault is injected
 
 
-def _poisoned(item) -> bool:
-    return item.all_token_ids[:len(POISON)] == POISON
+def _poisoned(request) -> bool:
+    return request.all_token_ids[:len(POISON)] == POISON
+
+
+def _poisoned_item(engine, item) -> bool:
+    """A plan's item holds no token list (plans are snapshots): read the request's."""
+    return item.request_id in engine.scheduler.requests and _poisoned(engine.scheduler.requests[item.request_id])
 
 
 def inject_in_forward(engine):
@@ -22,7 +27,7 @@ def inject_in_forward(engine):
     execute = engine.runner.execute
 
     def failing(plan):
-        if any(_poisoned(s) for s in plan.scheduled):
+        if any(_poisoned_item(engine, s) for s in plan.scheduled):
             raise RuntimeError("injected fault in the forward")
         return execute(plan)
     engine.runner.execute = failing
@@ -36,7 +41,7 @@ def inject_in_sampler(engine):
     finish = sampler._with_logprobs
 
     def failing(raw, token_ids, items):
-        if any(_poisoned(i) and len(i.all_token_ids) - i.num_prompt_tokens == 2 for i in items):
+        if any(_poisoned_item(engine, i) and i.num_output_tokens == 2 for i in items):
             raise IndexError("injected fault in the sampler")
         return finish(raw, token_ids, items)
     sampler._with_logprobs = failing

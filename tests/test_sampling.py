@@ -47,7 +47,7 @@ def test_sampling_follows_the_distribution():
     from kvtier.scheduler.output import ScheduledRequest
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     sampler = Sampler(torch.device("cpu"), seed=0)
-    item = ScheduledRequest("r", [0], 0, [0], True, SamplingParams(temperature=1.0), [0], 1)
+    item = ScheduledRequest("r", [0], 0, (0,), True, SamplingParams(temperature=1.0), (0,), 1)
     counts = torch.zeros(4)
     for _ in range(4000):
         counts[sampler(logits, [item])[0].token_id] += 1

@@ -8,7 +8,9 @@ hands out block ids 0, 1, 2, ... in order.
 
 from __future__ import annotations
 
-from conftest import greedy
+import weakref
+
+from conftest import BlockTables, greedy
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.storage import Tier
 from kvtier.cache.transfers import Stage
@@ -41,11 +43,16 @@ def summary(plan: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
     return [(s.request_id, s.start_pos, len(s.token_ids), s.sample) for s in plan.scheduled]
 
 
+_TABLES: weakref.WeakKeyDictionary[Scheduler, BlockTables] = weakref.WeakKeyDictionary()
+_PLAN_TABLES: dict[int, tuple[SchedulerOutput, dict[str, list[int]]]] = {}  # id(plan) -> (plan, tables)
+
+
 def step(sched: Scheduler, expected: list[tuple[str, int, int, bool]],
          sampled: dict[str, int] | None = None) -> SchedulerOutput:
     """Plan a step, check it is `expected`, hand back `sampled` as the runner's output; the step's
     copies complete at once and both tiers' accounting must hold."""
     plan = sched.schedule()
+    _PLAN_TABLES[id(plan)] = (plan, _TABLES.setdefault(sched, BlockTables()).apply(plan))
     assert summary(plan) == expected
     sampled = sampled or {}
     assert set(sampled) == {s.request_id for s in plan.scheduled if s.sample}, "the runner samples exactly these"
@@ -59,15 +66,20 @@ def item(plan: SchedulerOutput, request_id: str):
     return next(s for s in plan.scheduled if s.request_id == request_id)
 
 
+def table(plan: SchedulerOutput, request_id: str) -> list[int]:
+    """The request's whole block table as of `plan` (plans send diffs: rebuilt as the runner does)."""
+    return _PLAN_TABLES[id(plan)][1][request_id]
+
+
 def test_long_prompt_is_chunked_under_the_token_budget():
     sched = make(num_blocks=16, budget=8)
     a, b = add(sched, "A", prompt(10, 10)), add(sched, "B", prompt(50, 5))
     plan = step(sched, [("A", 0, 8, False)])  # the budget cuts A's prompt; B does not fit at all
-    assert item(plan, "A").token_ids == a.prompt_token_ids[:8] and item(plan, "A").block_ids == [0, 1]
+    assert item(plan, "A").token_ids == a.prompt_token_ids[:8] and table(plan, "A") == [0, 1]
     assert plan.num_batched_tokens == 8 and a.num_computed_tokens == 8 and list(sched.waiting) == [b]
     plan = step(sched, [("A", 8, 2, True), ("B", 0, 5, True)], {"A": 100, "B": 200})  # 2 + 5 <= 8
-    assert item(plan, "A").token_ids == a.prompt_token_ids[8:] and item(plan, "A").block_ids == [0, 1, 2]
-    assert item(plan, "B").block_ids == [3, 4]
+    assert item(plan, "A").token_ids == a.prompt_token_ids[8:] and table(plan, "A") == [0, 1, 2]
+    assert table(plan, "B") == [3, 4]
     plan = step(sched, [("A", 10, 1, True), ("B", 5, 1, True)], {"A": 101, "B": 201})
     assert item(plan, "A").token_ids == [100] and item(plan, "B").token_ids == [200]
     assert a.output_token_ids == [100, 101] and b.output_token_ids == [200, 201]
@@ -93,7 +105,7 @@ def test_preemption_takes_the_last_admitted_request_not_the_one_that_needs_a_blo
     # A's next token needs a third block and none is free: B, admitted last, gives up its blocks.
     plan = step(sched, [("A", 8, 1, True)], {"A": 101})
     assert plan.preempted_request_ids == ["B"] and sched.num_preemptions == 1
-    assert item(plan, "A").block_ids[:2] == [0, 1] and item(plan, "A").block_ids[2] in (2, 3)
+    assert table(plan, "A")[:2] == [0, 1] and table(plan, "A")[2] in (2, 3)
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.metrics.num_preemptions == 1 and list(sched.waiting) == [b] and sched.running == [a]
     step(sched, [("A", 9, 1, True)], {"A": 102})  # B needs 2 blocks, 1 is free: it keeps waiting
@@ -118,7 +130,7 @@ def test_preempted_request_resumes_before_requests_that_waited_longer():
     plan = step(sched, [("B", 0, 9, True), ("C", 0, 5, False)], {"B": 202})
     assert plan.finished_request_ids == ["A"]
     assert item(plan, "B").token_ids == b.prompt_token_ids + [200, 201]
-    assert len(item(plan, "B").block_ids) == 3 and len(item(plan, "C").block_ids) == 2
+    assert len(table(plan, "B")) == 3 and len(table(plan, "C")) == 2
     step(sched, [("B", 9, 1, True), ("C", 5, 3, True)], {"B": 203, "C": 300})
 
 
@@ -131,9 +143,9 @@ def test_prefix_hit_starts_after_the_cached_blocks():
     c = add(sched, "C", list(shared))  # the whole prompt is cached; its last token is recomputed
     plan = step(sched, [("A", 10, 1, True), ("B", 8, 3, True), ("C", 4, 4, True)],
                 {"A": 101, "B": 200, "C": 300})
-    assert item(plan, "B").block_ids[:2] == item(first, "A").block_ids[:2]
-    assert item(plan, "C").block_ids[:1] == item(first, "A").block_ids[:1]
-    assert item(plan, "C").block_ids[1] != item(first, "A").block_ids[1]
+    assert table(plan, "B")[:2] == table(first, "A")[:2]
+    assert table(plan, "C")[:1] == table(first, "A")[:1]
+    assert table(plan, "C")[1] != table(first, "A")[1]
     assert b.metrics.num_cached_tokens == 8 and c.metrics.num_cached_tokens == 4
 
 
@@ -150,7 +162,7 @@ def test_swapped_request_resumes_from_the_cpu_tier_without_recomputing():
     sched.finish_requests(["A"], RequestStatus.FINISHED_ABORTED)
     # B resumes at position 5 (only its sampled token is new), its blocks loaded back.
     plan = step(sched, [("B", 5, 1, True)], {"B": 201})
-    gpu_ids = item(plan, "B").block_ids
+    gpu_ids = table(plan, "B")
     assert item(plan, "B").token_ids == [200] and len(gpu_ids) == 2
     assert plan.transfers.pairs(*LOADS) == [(0, gpu_ids[0]), (1, gpu_ids[1])] and plan.transfers.pairs(*STORES) == []
     assert sched.kv_cache.num_held_cpu_blocks() == 0 and sched.kv_cache.num_swaps_in == 1

@@ -11,6 +11,7 @@ import random
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import BlockTables
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.storage import Tier
 from kvtier.cache.transfers import Stage
@@ -31,13 +32,15 @@ def fake_outputs(plan, rng) -> RunnerOutput:
     return RunnerOutput({s.request_id: SampledToken(rng.randrange(4, 50)) for s in plan.scheduled if s.sample})
 
 
-def check_plan(plan, scheduler, cfg):
+def check_plan(plan, scheduler, cfg, tables: dict[str, list[int]]):
     assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
     assert len(plan.scheduled) <= cfg.max_num_seqs
     for s in plan.scheduled:
         need = -(-(s.start_pos + len(s.token_ids)) // scheduler.kv_cache.block_size)
-        assert len(s.block_ids) >= need, "tokens scheduled without blocks for them"
-        assert len(set(s.block_ids)) == len(s.block_ids)
+        block_ids = tables[s.request_id]
+        assert block_ids == scheduler.kv_cache.block_ids(s.request_id), "the plans' diffs rebuild the table"
+        assert len(block_ids) >= need, "tokens scheduled without blocks for them"
+        assert len(set(block_ids)) == len(block_ids)
 
 
 def check_transfers(plan, in_flight: dict[int, set[int]]):
@@ -80,6 +83,7 @@ def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, cpu_
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=num_blocks * 4)
     demotion = WRITE_THROUGH if write_through else WRITE_BACK
     sched = Scheduler(cfg, KVCacheManager(num_blocks, 4, caching, cpu_blocks, demotion))
+    tables = BlockTables()
     in_flight: dict[int, set[int]] = {}
     prefixes = [[rng.randrange(4, 50) for _ in range(12)] for _ in range(4)]
     ids = []
@@ -93,7 +97,7 @@ def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, cpu_
         elif op[0] == "step":
             for _ in range(op[1]):
                 plan = sched.schedule()
-                check_plan(plan, sched, cfg)
+                check_plan(plan, sched, cfg, tables.apply(plan))
                 check_transfers(plan, in_flight)
                 sched.update_from_output(plan, fake_outputs(plan, rng))
                 complete_some(sched, in_flight, rng)
@@ -105,6 +109,7 @@ def test_random_schedules_keep_accounting(ops, num_blocks, budget, caching, cpu_
         if not sched.has_unfinished_requests():
             break
         plan = sched.schedule()
+        tables.apply(plan)
         check_transfers(plan, in_flight)
         sched.update_from_output(plan, fake_outputs(plan, rng))
         complete_some(sched, in_flight, rng)

@@ -331,6 +331,7 @@ class LLMEngine:
                        "the one that fails", len(suspects), type(error).__name__, error)
         for rid in suspects:
             self.kv_cache.forget_uncomputed(self.scheduler.requests[rid])
+        self.scheduler.resend_block_tables(suspects)  # the runner may not have seen the step's diffs
         outputs = []
         for rid in suspects:
             if rid not in self.scheduler.requests:

@@ -70,7 +70,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
-        # Block tables as numpy rows, rebuilt only when a request gains a block (or is preempted).
+        # Each running request's block table as a numpy row, kept from the plans' diffs
+        # (ScheduledRequest.new_block_ids): grown only when a request gains a block.
         self._tables: dict[str, np.ndarray] = {}
 
     @torch.inference_mode()
@@ -78,6 +79,7 @@ class ModelRunner:
         self.sampler.drop(plan.finished_request_ids)
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self._tables.pop(request_id, None)
+        self.apply_block_diffs(plan.scheduled)  # before anything can fail: tables stay in step with the plans
         # the step's inputs cross to the device before its loads: one copy engine serves a direction
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
         inputs = None if plan.is_empty else self.prepare_inputs(plan.scheduled)
@@ -125,17 +127,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
-        """Flatten the step's tokens; numpy on the host, then one copy to the device."""
+        """Flatten the step's tokens; numpy on the host, then one copy to the device. The block
+        tables are the kept ones (apply_block_diffs first)."""
         bs = self.block_size
         query_lens = np.fromiter((len(s.token_ids) for s in scheduled), np.int64, len(scheduled))
         start_pos = np.fromiter((s.start_pos for s in scheduled), np.int64, len(scheduled))
         seq_lens = start_pos + query_lens
         starts = np.zeros(len(scheduled) + 1, np.int64)
         np.cumsum(query_lens, out=starts[1:])
-        max_blocks = max(len(s.block_ids) for s in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), np.int32)
-        for i, s in enumerate(scheduled):
-            row = self._table_row(s)
+        rows = [self._tables[s.request_id] for s in scheduled]
+        tables = np.zeros((len(scheduled), max(len(row) for row in rows)), np.int32)
+        for i, row in enumerate(rows):
             tables[i, :len(row)] = row
         # position of every token, then its slot through its sequence's block table
         seq_of_token = np.repeat(np.arange(len(scheduled)), query_lens)
@@ -167,11 +169,15 @@ class ModelRunner:
         return (self.graphs is not None and self.graphs.can_run(rows)
                 and rows * int(seq_lens.max()) <= PER_TOKEN_GRAPH_WORK)
 
-    def _table_row(self, item: ScheduledRequest) -> np.ndarray:
-        row = self._tables.get(item.request_id)
-        if row is None or len(row) != len(item.block_ids):
-            row = self._tables[item.request_id] = np.asarray(item.block_ids, np.int32)
-        return row
+    def apply_block_diffs(self, scheduled: list[ScheduledRequest]) -> None:
+        """Bring the kept block tables up to date with a plan: a reset replaces a table, other
+        plans append the blocks the request gained since its last plan."""
+        for s in scheduled:
+            new = np.asarray(s.new_block_ids, np.int32)
+            if s.reset_block_table:
+                self._tables[s.request_id] = new
+            elif len(new):
+                self._tables[s.request_id] = np.concatenate([self._tables[s.request_id], new])
 
     def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """All of a step's index arrays in one host-to-device copy (int64), returned as views."""

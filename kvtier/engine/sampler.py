@@ -105,7 +105,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _below_min_tokens(item: ScheduledRequest) -> bool:
-    return len(item.all_token_ids) - item.num_prompt_tokens < item.params.min_tokens
+    return item.num_output_tokens < item.params.min_tokens
 
 
 def _needs_penalty(item: ScheduledRequest) -> bool:

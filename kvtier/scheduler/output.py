@@ -10,15 +10,23 @@ from kvtier.sampling_params import SamplingParams
 
 @dataclasses.dataclass
 class ScheduledRequest:
+    """One request's part of the plan: values and diffs only, never the scheduler's live lists, so
+    a plan can be pickled, sent to another process or kept past the step."""
+
     request_id: str
-    token_ids: list[int]  # the tokens computed this step
+    token_ids: list[int]  # the tokens computed this step (a copy)
     start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
-    block_ids: list[int]  # the request's whole block table
+    new_block_ids: tuple[int, ...]  # block ids appended to the request's table since the last plan
     sample: bool  # this chunk reaches the request's last token: sample the next one
     params: SamplingParams
-    all_token_ids: list[int]  # prompt + outputs so far (read by penalties)
+    # prompt + outputs so far, only where the sampler reads them (a repetition penalty); ()
+    # otherwise, so a step does not copy every request's whole token list
+    all_token_ids: tuple[int, ...]
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
+    # new_block_ids is the whole table (first plan, or a resume after preemption): drop the old one
+    reset_block_table: bool = True
+    num_output_tokens: int = 0  # tokens sampled so far (min_tokens)
 
 
 @dataclasses.dataclass

@@ -35,6 +35,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
+        # block ids already sent in plans, per request: later plans send only the table's tail
+        self._num_sent_blocks: dict[str, int] = {}
         self.num_preemptions = 0
         self.num_steps = 0
 
@@ -61,6 +63,7 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.kv_cache.forget(request)
+        self._num_sent_blocks.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
 
@@ -109,6 +112,7 @@ class Scheduler:
         if not self.kv_cache.swap_out(request):
             self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
+        self._num_sent_blocks.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -145,14 +149,25 @@ class Scheduler:
         request.metrics.num_cached_tokens_by_tier = {"gpu": len(hit.gpu) * bs, "cpu": len(hit.cpu) * bs}
         request.metrics.first_scheduled_time = time.time()
 
+    def resend_block_tables(self, request_ids: list[str]) -> None:
+        """The next plans send these requests' whole block tables (the runner may have missed
+        diffs: a step that failed before the runner applied them)."""
+        for request_id in request_ids:
+            self._num_sent_blocks.pop(request_id, None)
+
     def _plan(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        table = self.kv_cache.block_ids(request.request_id)
+        sent = self._num_sent_blocks.get(request.request_id)
+        self._num_sent_blocks[request.request_id] = len(table)
+        params = request.params
         return ScheduledRequest(
             request_id=request.request_id, token_ids=request.all_token_ids[start:start + num_new],
-            start_pos=start, block_ids=self.kv_cache.block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens, params=request.params,
-            all_token_ids=request.all_token_ids, num_prompt_tokens=request.num_prompt_tokens,
-            eos_token_ids=request.eos_token_ids)
+            start_pos=start, new_block_ids=tuple(table[sent or 0:]),
+            sample=start + num_new == request.num_tokens, params=params,
+            all_token_ids=tuple(request.all_token_ids) if params.repetition_penalty != 1.0 else (),
+            num_prompt_tokens=request.num_prompt_tokens, eos_token_ids=request.eos_token_ids,
+            reset_block_table=sent is None, num_output_tokens=request.num_output_tokens)
 
     # -- results ------------------------------------------------------------------------------
 

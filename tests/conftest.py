@@ -197,3 +197,48 @@ class BlockTables:
             kept = [] if s.reset_block_table else self.tables[s.request_id]
             self.tables[s.request_id] = kept + list(s.new_block_ids)
         return {s.request_id: list(self.tables[s.request_id]) for s in plan.scheduled}
+
+
+class LiveServer:
+    """`python -m kvtier.cli serve ARGS` on a free loopback port, its output in a log file (a pipe
+    nobody reads could fill and stall the server); started once /health answers 200."""
+
+    def __init__(self, *args: str, log_dir: Path, timeout_s: float = 180.0):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import httpx2 as httpx
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.log = f"http://127.0.0.1:{port}", log_dir / f"serve-{port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "serve", *args, "--port", str(port),
+                                          "--uvicorn-log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not _answers(httpx, self.url + "/health"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"kvtier serve did not start:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, timeout_s: float = 40.0) -> None:
+        import subprocess
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _answers(httpx, url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -10,16 +10,13 @@ Bodies are sent as bytes from `json.dumps`, which writes NaN and Infinity and es
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import httpx2 as httpx
 import pytest
 
+from conftest import LiveServer
 from kvtier.sampling_params import MAX_N, SamplingParamError, SamplingParams
 
 KEY = "hostile-key"
@@ -199,37 +196,13 @@ CASES = {**RANGES, **FLOATS, **UNICODE, **CONTENT, **BODIES, **FIELDS, **ROUTES}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[httpx.Client]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--device", "cpu", "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "64MiB", "--api-key", KEY,
-           "--port", str(port), "--uvicorn-log-level", "warning"]
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    live = LiveServer("--device", "cpu", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+                      "--kv-cache-memory", "64MiB", "--api-key", KEY, log_dir=tmp_path_factory.mktemp("serve"))
     try:
-        deadline = time.monotonic() + 180
-        while not _is_up(url + "/health"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
             yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _is_up(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
+        live.stop()
 
 
 def answer(server: httpx.Client, body: dict[str, Any] = SHORT_ANSWER, headers: dict[str, str] = AUTH) -> str:

@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import greedy, random_prompts
+from conftest import LiveServer, greedy, random_prompts
 from kvtier import LLM, SamplingParams
 from kvtier.cli import build_parser
 from kvtier.server import BackgroundServer, ServerConfig, create_app
@@ -181,21 +179,13 @@ def test_cache_salt_separates_prefix_caches(tiny_server):
     assert cached(None) == 0
 
 
-def test_cli_serve_runs_the_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "tiny-llama", "--load-format", "dummy",
-           "--skip-tokenizer-init", "--device", "cpu", "--max-model-len", "64", "--kv-cache-memory", "8MiB",
-           "--port", str(port), "--api-key", KEY, "--served-model-name", "first", "alias",
-           "--max-tokens-limit", "8", "--uvicorn-log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+def test_cli_serve_runs_the_server(tmp_path):
+    live = LiveServer("tiny-llama", "--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
+                      "--max-model-len", "64", "--kv-cache-memory", "8MiB", "--api-key", KEY,
+                      "--served-model-name", "first", "alias", "--max-tokens-limit", "8", log_dir=tmp_path,
+                      timeout_s=120)
+    url = live.url
     try:
-        deadline = time.monotonic() + 120
-        while not _is_up(url + "/health"):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.2)
         resp = httpx.post(url + "/v1/completions", json={"model": "alias", "prompt": [1, 2, 3], "max_tokens": 3},
                           headers=AUTH)
         assert resp.status_code == 200 and resp.json()["model"] == "first"
@@ -203,15 +193,7 @@ def test_cli_serve_runs_the_server():
         assert_openai_error(httpx.post(url + "/v1/completions", json={"prompt": [1], "max_tokens": 9},
                                        headers=AUTH), 400, "max_tokens")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _is_up(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
+        live.stop(30)
 
 
 # -- errors -------------------------------------------------------------------------------------

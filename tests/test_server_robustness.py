@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +15,7 @@ from collections.abc import Iterator
 import httpx2 as httpx
 import pytest
 
-from conftest import greedy, random_prompts
+from conftest import LiveServer, greedy, random_prompts
 from test_fault_isolation import POISON, inject_in_sampler
 from test_server import serving, tiny_llm
 
@@ -88,41 +84,18 @@ def tiny_ref(tiny_path):
 
 # -- a live `kvtier serve` on the default model -----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "kvtier.cli", "serve", "--device", "cpu", "--dtype", "float32",
-           "--max-model-len", "4096", "--kv-cache-memory", "512MiB", "--port", str(port),
-           "--uvicorn-log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"kvtier serve did not start:\n{proc.stdout.read()}")
-        time.sleep(0.2)
+def start_server(tmp_path_factory, *extra: str) -> LiveServer:
+    return LiveServer("--device", "cpu", "--dtype", "float32", "--max-model-len", "4096", "--kv-cache-memory",
+                      "512MiB", *extra, log_dir=tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
-def live_server() -> Iterator[str]:
-    proc, url = start_server()
+def live_server(tmp_path_factory) -> Iterator[str]:
+    live = start_server(tmp_path_factory)
     try:
-        yield url
+        yield live.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        live.stop(60)
 
 
 class Prober:
@@ -187,9 +160,10 @@ def test_health_and_metrics_answer_while_150_streams_run(live_server):
 
 # -- SIGTERM: a bounded, graceful shutdown ----------------------------------------------------------
 
-def test_sigterm_ends_a_long_stream_with_an_error_event_and_exits_0():
+def test_sigterm_ends_a_long_stream_with_an_error_event_and_exits_0(tmp_path_factory):
     timeout_s = 2.0
-    proc, url = start_server("--shutdown-timeout", str(timeout_s))
+    live = start_server(tmp_path_factory, "--shutdown-timeout", str(timeout_s))
+    proc, url = live.proc, live.url
     try:
         body = {"prompt": "Tell me a very long story.", "max_tokens": 3000, "ignore_eos": True, "stream": True}
         events = []
@@ -205,7 +179,7 @@ def test_sigterm_ends_a_long_stream_with_an_error_event_and_exits_0():
         exited_after = time.monotonic() - signalled
     finally:
         proc.kill()
-    output = proc.stdout.read()
+    output = live.output()
     assert returncode == 0, output
     assert exited_after <= timeout_s + 5
     assert events[-1] == "[DONE]", events[-3:]

@@ -28,7 +28,7 @@ from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import RequestOutput
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParamError, SamplingParams
-from kvtier.scheduler.output import SampledToken
+from kvtier.scheduler.output import SampledToken, SchedulerOutput
 from kvtier.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
         self._ids = itertools.count()
-        self._step_request_ids: list[str] = []  # the requests of the step being run
+        self._step_plan: SchedulerOutput | None = None  # the plan of the step being run
         self._last_log = time.monotonic()
         logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
@@ -307,9 +307,8 @@ class LLMEngine:
 
     def _step(self, final_only: bool, only: frozenset[str] | None = None) -> list[RequestOutput]:
         start = time.perf_counter()
-        self._step_request_ids = []
-        plan = self.scheduler.schedule(only)
-        self._step_request_ids = [item.request_id for item in plan.scheduled]
+        self._step_plan = None
+        plan = self._step_plan = self.scheduler.schedule(only)
         result = self.runner.execute(plan)
         self._settle_transfers()
         updated = self.scheduler.update_from_output(plan, result)
@@ -324,7 +323,8 @@ class LLMEngine:
         """Run the failed step's requests one at a time: the ones that fail alone are failed, the
         others advance as in any step. The failed step changed no request's progress (tokens are
         counted after the forward), so nobody's output differs from a run without the failure."""
-        suspects = [rid for rid in self._step_request_ids if rid in self.scheduler.requests]
+        scheduled = self._step_plan.scheduled if self._step_plan is not None else []
+        suspects = [item.request_id for item in scheduled if item.request_id in self.scheduler.requests]
         if not suspects:
             raise error  # not in a request's part of the step: the caller fails the batch
         logger.warning("kvtier: a step of %d requests failed (%s: %s); running them one at a time to find "

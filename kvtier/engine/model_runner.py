@@ -172,12 +172,12 @@ class ModelRunner:
     def apply_block_diffs(self, scheduled: list[ScheduledRequest]) -> None:
         """Bring the kept block tables up to date with a plan: a reset replaces a table, other
         plans append the blocks the request gained since its last plan."""
-        for s in scheduled:
-            new = np.asarray(s.new_block_ids, np.int32)
+        for s in scheduled:  # most decode steps gain no block: nothing to build for them
             if s.reset_block_table:
-                self._tables[s.request_id] = new
-            elif len(new):
-                self._tables[s.request_id] = np.concatenate([self._tables[s.request_id], new])
+                self._tables[s.request_id] = np.asarray(s.new_block_ids, np.int32)
+            elif s.new_block_ids:
+                self._tables[s.request_id] = np.concatenate(
+                    [self._tables[s.request_id], np.asarray(s.new_block_ids, np.int32)])
 
     def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """All of a step's index arrays in one host-to-device copy (int64), returned as views."""

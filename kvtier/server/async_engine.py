@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _STOP = object()
+STATS_INTERVAL_S = 0.05  # how stale /metrics may be while requests run
 
 
 class EngineError(RuntimeError):
@@ -112,6 +113,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.latest_stats: dict[str, int | float] = engine.stats()  # replaced whole by the engine thread
+        self._stats_time = time.monotonic()
         self.draining = False  # set by drain(): no new requests
 
     # -- life cycle (event loop) ----------------------------------------------------------------
@@ -236,11 +238,19 @@ class AsyncEngine:
             while self._run_commands(block=not self._in_engine):
                 if self._in_engine:
                     self._step()
-                self.latest_stats = self.engine.stats()
+                self._publish_stats()
         except BaseException:  # a bug: say so loudly, and let no request wait forever
             logger.critical("the engine loop died", exc_info=True)
             self._post(lambda: self._fail(list(self._streams), EngineError("the engine loop died")))
             raise
+
+    def _publish_stats(self) -> None:
+        """A fresh snapshot for /health and /metrics: at once when the engine goes idle, else at most
+        every STATS_INTERVAL_S (a snapshot walks every running request: not once per decode step)."""
+        now = time.monotonic()
+        if self._in_engine and now - self._stats_time < STATS_INTERVAL_S:
+            return
+        self.latest_stats, self._stats_time = self.engine.stats(), now
 
     def _run_commands(self, block: bool) -> bool:
         """Run queued commands (waiting for one when idle); False once asked to stop."""

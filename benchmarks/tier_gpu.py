@@ -73,8 +73,8 @@ def transfer_rates(eng: transfer_engine.TransferEngine, num_blocks: int, reps: i
         for _ in range(reps + 2):
             flight = _InFlight(-1, [])
             t0 = time.perf_counter()
-            moved = split and direction == "to_gpu"
-            eng._issue(direction, pairs, flight, moved) if eng.on_gpu else eng._copy_now(direction, pairs, moved)
+            ranges = eng.layer_ranges(split and direction == "to_gpu")
+            eng._issue(direction, pairs, flight, ranges) if eng.on_gpu else eng._copy_now(direction, pairs, ranges)
             issue.append((time.perf_counter() - t0) * 1e3)
             eng.synchronize()
             if eng.on_gpu:
@@ -116,7 +116,7 @@ def forward_fns(llm: LLM, batch: int, ctx: int) -> dict:
 def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: int) -> dict:
     """Each pass alone, then with a reload / store of num_blocks issued just before it on the copy
     streams (the pass does not wait for it): slowdown of the pass and the copy's own rate."""
-    eng, dev = llm.engine.runner.transfers, llm.engine.device
+    eng, dev = llm.engine.worker.transfers, llm.engine.device
     ng, nc = eng.gpu_blocks.shape[0], eng.num_cpu_blocks
     gpu_ids = list(range(first_free_block, min(ng, first_free_block + num_blocks)))
     pairs = list(zip(gpu_ids, torch.randperm(nc)[:len(gpu_ids)].tolist()))
@@ -134,7 +134,7 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
                     flight = _InFlight(-1, [])
                     if eng.on_gpu:
                         # the copy stream must not wait on earlier work: it starts with the pass
-                        eng._issue(direction, pairs, flight, split=False)
+                        eng._issue(direction, pairs, flight, eng.layer_ranges(False))
                     passes.append(time_ms(fn, dev, iters=1, warmup=0))
                     eng.synchronize()
                     if eng.on_gpu:
@@ -217,7 +217,7 @@ def main() -> None:
               "gpu_blocks": gpu_blocks, "cpu_blocks": llm.engine.host_pool.num_blocks,
               "command": "python3 benchmarks/tier_gpu.py " + " ".join(sys.argv[1:])}
     result.update(pinned_rate(device))
-    eng = llm.engine.runner.transfers
+    eng = llm.engine.worker.transfers
     result["rows_2d_copy"] = eng.can_split  # the CUDA runtime's 2-D copy was found: loads can go layer-wise
     result["transfer"] = transfer_rates(eng, blocks, reps)
     result["transfer_variants"] = [transfer_rates(eng, blocks, reps, cpu_runs, split)
@@ -239,7 +239,7 @@ def main() -> None:
                   kv_offloading_policy=policy, max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64,
                   max_num_seqs=8, skip_tokenizer_init=True)
         # the last: loads move whole blocks and the forward waits for all of them (no layer-wise overlap)
-        llm.engine.runner.transfers.can_split &= per_layer
+        llm.engine.worker.transfers.can_split &= per_layer
         result["ttft"][name] = ttft(llm, prefix, 16, reps, evictors=3)
         llm = None
         release(device)

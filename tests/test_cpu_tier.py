@@ -49,14 +49,14 @@ def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
     engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
     engine.kv_cache.swap_policy = ALWAYS_SWAP
-    execute = engine.runner.execute
+    execute = engine.worker.execute
 
     def counting_execute(plan):
         nonlocal moved_steps, steps
         steps += 1
         moved_steps += not plan.transfers.is_empty
         return execute(plan)
-    engine.runner.execute = counting_execute
+    engine.worker.execute = counting_execute
     for w, prompts in enumerate(prompt_waves):
         for i, p in enumerate(prompts):
             engine.add_request(p, greedy(new_tokens), request_id=f"{w}-{i}")
@@ -101,7 +101,7 @@ def test_tier_on_equals_off_under_heavy_movement(model_path, policy):
         assert stats["num_demotions_total"] > 0
     assert stats["bytes_to_cpu_total"] == stats["blocks_to_cpu_total"] * engine.host_pool.block_bytes
     assert moved > 0.5, f"only {moved:.0%} of steps moved KV between tiers"
-    transfers = engine.runner.transfers
+    transfers = engine.worker.transfers
     assert 0 < transfers.num_split_loads  # some loads went layer group by layer group
     assert any(o.metrics.num_cached_tokens_by_tier["cpu"] > 0 for o in outs.values())
 
@@ -227,6 +227,27 @@ def test_bad_offloading_size_is_a_clear_error(tiny_model_dir):
         LLM(str(path), skip_tokenizer_init=True, kv_offloading_policy="sometimes")
 
 
+def transfer_engine_over(gpu: torch.Tensor, cpu: torch.Tensor, cpu_blocks_per_chunk: int | None = None):
+    """A TransferEngine between a GPU-tier tensor (L, 2, Ng, bs, Hkv, D) and a CPU tier holding a
+    copy of `cpu` (Nc, L, 2, bs, Hkv, D); returns it and the CPU tier's tensor."""
+    from kvtier.engine.host_kv_pool import HostKVPool
+    from kvtier.engine.kv_storage import KVStorage
+    from kvtier.engine.transfer_engine import TransferEngine
+    num_layers, _, _, block_size, heads, head_dim = gpu.shape
+    spec = StorageSpec(Tier.GPU, Kind.KV, num_layers, block_size, heads, head_dim,
+                       str(gpu.dtype).removeprefix("torch."), Layout.LAYER_MAJOR)
+    pool = HostKVPool(cpu.shape[0], spec.on(Tier.CPU), pin=False)
+    pool.kv.copy_(cpu)
+    pool.blocks_per_chunk = cpu_blocks_per_chunk or pool.blocks_per_chunk
+    return TransferEngine(KVStorage(spec, gpu, pool)), pool.kv
+
+
+def run_plan(eng, plan: TransferPlan) -> None:
+    """Issue a step's moves as the worker does around a forward that reads nothing."""
+    pipeline = eng.begin_step(plan)
+    pipeline.finish()
+
+
 def moves(step_id: int, src: Tier, dst: Tier, pairs: list[tuple[int, int]]) -> TransferPlan:
     """A plan of one BEFORE move of whole KV blocks, pairs (src_block_id, dst_block_id)."""
     return TransferPlan(step_id, (Move(src, dst, Kind.KV, tuple(pairs), Stage.BEFORE),))
@@ -235,15 +256,13 @@ def moves(step_id: int, src: Tier, dst: Tier, pairs: list[tuple[int, int]]) -> T
 @pytest.mark.parametrize("cpu_ids,split", [([1, 4], False), ([3, 4], True)])
 def test_transfer_round_trip_is_byte_exact(cpu_ids, split):
     """Stores, then loads: scattered CPU blocks move whole, runs of them layer group by group."""
-    from kvtier.engine.transfer_engine import TransferEngine
     gpu = torch.randn(4, 2, 8, 4, 2, 8)  # (L, 2, Ng, bs, Hkv, D)
-    cpu = torch.randn(5, 4, 2, 4, 2, 8)  # (Nc, L, 2, bs, Hkv, D)
-    eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
+    eng, cpu = transfer_engine_over(gpu, torch.randn(5, 4, 2, 4, 2, 8))  # (Nc, L, 2, bs, Hkv, D)
     assert len(eng.group_layers) == 2 and eng.can_split
     before = gpu.clone()
-    eng.before_forward(moves(0, Tier.GPU, Tier.CPU, [(6, cpu_ids[0]), (2, cpu_ids[1])]))
+    run_plan(eng, moves(0, Tier.GPU, Tier.CPU, [(6, cpu_ids[0]), (2, cpu_ids[1])]))
     assert torch.equal(cpu[cpu_ids[0]], before[:, :, 6]) and torch.equal(cpu[cpu_ids[1]], before[:, :, 2])
-    eng.before_forward(moves(1, Tier.CPU, Tier.GPU, [(cpu_ids[0], 0), (cpu_ids[1], 7)]))
+    run_plan(eng, moves(1, Tier.CPU, Tier.GPU, [(cpu_ids[0], 0), (cpu_ids[1], 7)]))
     assert eng.num_split_loads == split
     assert torch.equal(gpu[:, :, 0], before[:, :, 6]) and torch.equal(gpu[:, :, 7], before[:, :, 2])
     untouched = [i for i in range(8) if i not in (0, 7)]
@@ -271,17 +290,16 @@ def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
     """More blocks than the staging buffer holds, across pinned-chunk boundaries: still exact."""
     from kvtier.engine import transfer_engine
     gpu = torch.randn(2, 2, 16, 4, 1, 4)
-    cpu = torch.randn(12, 2, 2, 4, 1, 4)
     monkeypatch.setattr(transfer_engine, "STAGING_BYTES", 3 * gpu[:, :, 0].nbytes)  # 3 blocks
-    eng = transfer_engine.TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes, cpu_blocks_per_chunk=4)
+    eng, cpu = transfer_engine_over(gpu, torch.randn(12, 2, 2, 4, 1, 4), cpu_blocks_per_chunk=4)
     assert eng.staging["to_cpu"].shape[0] == 3
     pairs = [(g, c) for g, c in zip([1, 5, 2, 9, 14, 0, 7, 3], [3, 4, 5, 6, 2, 1, 11, 0])]
     before = gpu.clone()
-    eng.before_forward(moves(0, Tier.GPU, Tier.CPU, pairs))
+    run_plan(eng, moves(0, Tier.GPU, Tier.CPU, pairs))
     for g, c in pairs:
         assert torch.equal(cpu[c], before[:, :, g])
     gpu.zero_()
-    eng.before_forward(moves(1, Tier.CPU, Tier.GPU, [(c, g) for g, c in pairs]))
+    run_plan(eng, moves(1, Tier.CPU, Tier.GPU, [(c, g) for g, c in pairs]))
     assert eng.num_split_loads == 1  # runs 0-3, 4-6 and 11: layer group by layer group
     for g, _ in pairs:
         assert torch.equal(gpu[:, :, g], before[:, :, g])
@@ -290,19 +308,48 @@ def test_staged_copies_split_by_staging_size_and_chunks(monkeypatch):
 def test_operations_without_a_handler_fail_before_anything_moves():
     """Each Move goes to the handler of its (src, dst) tiers; what none executes is refused whole."""
     from kvtier.cache.transfers import Recompute
-    from kvtier.engine.transfer_engine import TransferEngine
-    gpu, cpu = torch.randn(2, 2, 4, 4, 1, 4), torch.zeros(3, 2, 2, 4, 1, 4)
-    eng = TransferEngine(gpu, cpu, gpu[:, :, 0].nbytes)
+    gpu = torch.randn(2, 2, 4, 4, 1, 4)
+    eng, cpu = transfer_engine_over(gpu, torch.zeros(3, 2, 2, 4, 1, 4))
     store = Move(Tier.GPU, Tier.CPU, Kind.KV, ((1, 0),), Stage.BEFORE)
     for bad, match in [(Move(Tier.GPU, Tier.DISK, Kind.KV, ((1, 0),), Stage.BEFORE), "gpu -> disk"),
                        (Recompute("r", (0, 16)), "not executed yet"),
-                       (dataclasses.replace(store, layers=(0, 1)), "whole KV blocks"),
-                       (dataclasses.replace(store, ephemeral=True), "whole KV blocks")]:
-        with pytest.raises(NotImplementedError, match=match):
-            eng.before_forward(TransferPlan(0, (store, bad)))
+                       (dataclasses.replace(store, layers=(1, 3)), "layers must be"),
+                       (dataclasses.replace(store, stage=Stage.PER_LAYER), "names its layers"),
+                       (dataclasses.replace(store, ephemeral=True), "permanent blocks")]:
+        with pytest.raises((NotImplementedError, ValueError), match=match):
+            run_plan(eng, TransferPlan(0, (store, bad)))
         assert not cpu.any(), "nothing was issued"
-    eng.before_forward(TransferPlan(1, (store,)))
+    run_plan(eng, TransferPlan(1, (store,)))
     assert torch.equal(cpu[0], gpu[:, :, 1])
+
+
+def test_per_layer_moves_run_at_their_layers():
+    """PER_LAYER loads of layer l are issued before layer l - PREFETCH_DEPTH (the first layers' at
+    the start) and have landed when layer l runs; PER_LAYER stores of layers [a, b) run after
+    layer b - 1 wrote them; a BEFORE move of a layer range moves those layers only."""
+    from kvtier.engine import transfer_engine
+    num_layers = 4
+    gpu = torch.randn(num_layers, 2, 6, 4, 1, 4)
+    eng, cpu = transfer_engine_over(gpu, torch.randn(5, num_layers, 2, 4, 1, 4))
+    before_gpu, before_cpu = gpu.clone(), cpu.clone()
+    loads = [Move(Tier.CPU, Tier.GPU, Kind.KV, ((2, 3),), Stage.PER_LAYER, (layer, layer + 1))
+             for layer in range(num_layers)]
+    stores = [Move(Tier.GPU, Tier.CPU, Kind.KV, ((1, 4),), Stage.PER_LAYER, (0, 2)),
+              Move(Tier.GPU, Tier.CPU, Kind.KV, ((1, 4),), Stage.PER_LAYER, (2, 4))]
+    partial = Move(Tier.GPU, Tier.CPU, Kind.KV, ((5, 0),), Stage.BEFORE, (1, 3))
+    pipeline = eng.begin_step(TransferPlan(0, (partial, *loads, *stores)))
+    assert torch.equal(cpu[0, 1:3], before_gpu[1:3, :, 5]) and torch.equal(cpu[0, [0, 3]], before_cpu[0, [0, 3]])
+    depth = transfer_engine.PREFETCH_DEPTH
+    for layer in range(num_layers):  # a forward: each layer reads its KV of block 3, writes block 1
+        pipeline.hooks.before_layer(layer)
+        landed = [torch.equal(gpu[i, :, 3], before_cpu[2, i]) for i in range(num_layers)]
+        assert landed == [i <= layer + depth for i in range(num_layers)], (layer, landed)
+        gpu[layer, :, 1] += 1
+        pipeline.hooks.after_layer(layer)
+        stored = [torch.equal(cpu[4, i], gpu[i, :, 1]) for i in range(num_layers)]
+        assert stored == [i <= {0: -1, 1: 1, 2: 1, 3: 3}[layer] for i in range(num_layers)], (layer, stored)
+    pipeline.finish()
+    assert eng.bytes["to_gpu"] == eng.block_bytes and eng.bytes["to_cpu"] == eng.block_bytes * 3 // 2
 
 
 def test_offload_policies_are_plain_data():
@@ -334,13 +381,13 @@ def test_a_step_plan_from_a_running_engine_pickles(tiny_model_dir):
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
     engine = llm.engine
     engine.kv_cache.swap_policy = ALWAYS_SWAP
-    execute, taken = engine.runner.execute, []
+    execute, taken = engine.worker.execute, []
 
     def taking(plan):
         if not plan.transfers.is_empty and plan.scheduled:
             taken.append((plan, pickle.dumps(plan)))
         return execute(plan)
-    engine.runner.execute = taking
+    engine.worker.execute = taking
     llm.generate(random_prompts(MIXED_LENGTHS), greedy(NEW_TOKENS, repetition_penalty=1.3), use_tqdm=False)
     assert taken, "no step moved KV between tiers"
     assert any(not s.reset_block_table for plan, _ in taken for s in plan.scheduled)

@@ -24,14 +24,14 @@ def _poisoned_item(engine, item) -> bool:
 
 def inject_in_forward(engine):
     """Fail the runner before the forward of any step that holds a poisoned request."""
-    execute = engine.runner.execute
+    execute = engine.worker.execute
 
     def failing(plan):
         if any(_poisoned_item(engine, s) for s in plan.scheduled):
             raise RuntimeError("injected fault in the forward")
         return execute(plan)
-    engine.runner.execute = failing
-    return lambda: setattr(engine.runner, "execute", execute)
+    engine.worker.execute = failing
+    return lambda: setattr(engine.worker, "execute", execute)
 
 
 def inject_in_sampler(engine):

@@ -144,8 +144,7 @@ def hf_throughput(llm: LLM, reqs: list[BenchRequest], batch_size: int) -> dict[s
     """HF transformers `generate` (DynamicCache) on the same weights and prompts, in batches.
 
     Frees kvtier's KV cache first to give HF the memory: run it last."""
-    llm.engine.runner.kv_caches = None
-    llm.engine.runner.graphs = None  # graphs hold the KV cache and their own memory pool
+    llm.engine.worker.free_kv_cache()  # graphs, too: they hold the KV cache and their own memory pool
     gc.collect()
     if llm.engine.device.type == "cuda":
         torch.cuda.empty_cache()

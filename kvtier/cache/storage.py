@@ -162,3 +162,11 @@ def layer_views(spec: StorageSpec, data: torch.Tensor) -> list[tuple[torch.Tenso
     if spec.layout is not Layout.LAYER_MAJOR:
         raise ValueError(f"layer views need a layer-major tensor; this one is {spec.layout.value}")
     return [tuple(data[layer, part] for part in range(spec.num_parts)) for layer in range(spec.num_layers)]
+
+
+def block_rows(spec: StorageSpec, data: torch.Tensor) -> torch.Tensor:
+    """Either layout as the transfer kernels read it: (blocks, layers, parts, row elements), one
+    row being one (layer, part) of one block, contiguous (a view: layer-major data is permuted)."""
+    if spec.layout is Layout.LAYER_MAJOR:
+        return data.view(spec.num_layers, spec.num_parts, data.shape[2], -1).permute(2, 0, 1, 3)
+    return data.view(data.shape[0], spec.num_layers, spec.num_parts, -1)

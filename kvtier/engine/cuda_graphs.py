@@ -14,8 +14,8 @@ With the CPU tier, a step may have to wait for KV still being loaded, one layer 
 outside it, so each batch size is captured as one graph per layer group ("segments", cut at the
 model's before_layer hooks, sharing the pool: a segment's output is the next one's input), and
 the replay runs the step's hooks at segment bounds (kvtier/ops/attention.py's LayerHooks): before
-segment g, before_layer of its first layer, which waits for group g's loads; after it, after_layer
-of its last. Without the tier there is one segment.
+segment g, before_layer of each of its layers (which waits for group g's loads), after it
+after_layer of each. Without the tier there is one segment.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class DecodeGraphs:
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
         for first_layer, last_layer, segment in zip(self.segment_starts, self.segment_ends, self.graphs[size]):
-            hooks.before_layer(first_layer)
+            for layer in range(first_layer, last_layer + 1):  # what any layer of the segment reads
+                hooks.before_layer(layer)
             segment.replay()
-            hooks.after_layer(last_layer)
+            for layer in range(first_layer, last_layer + 1):
+                hooks.after_layer(layer)
         return self.logits[size][:n]

@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 
-from kvtier.cache import storage
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.storage import StorageSpec, Tier
 from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, GiB, default_cpu_threads
 from kvtier.engine.host_kv_pool import HostKVPool
-from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY, ModelRunner
+from kvtier.engine.kv_storage import KVStorage
+from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY
 from kvtier.engine.output_processor import OutputProcessor
-from kvtier.engine.transfer_engine import STAGING_BYTES, TransferEngine, transfer_stats
+from kvtier.engine.transfer_engine import STAGING_BYTES
+from kvtier.engine.worker import Worker
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
@@ -84,16 +85,18 @@ class LLMEngine:
         self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size, self.dtype)
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
-        kv = storage.allocate(self.kv_spec, num_blocks, self.device)
-        transfers = self._build_cpu_tier(kv)
-        self.runner = ModelRunner(model, self.model_config, kv, self.kv_spec, self.device, config.seed,
-                                  config.attention_backend, transfers)
+        kv = KVStorage.allocate(self.kv_spec, num_blocks, self.device, self._num_cpu_blocks())
+        self.worker = Worker(model, self.model_config, kv, self.device, config.seed, config.attention_backend)
+        self.runner = self.worker.runner
+        if kv.host is not None:
+            logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", kv.host.num_blocks,
+                        kv.host.num_blocks * kv.host.block_bytes / GiB, ", pinned" if kv.host.pinned else "")
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
-            self.runner.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
+            self.worker.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
         self.swap_cost = self._swap_cost_model(model) if self.host_pool is not None else None
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                       self.host_pool.num_blocks if self.host_pool else 0,
+                                       self.worker.num_blocks(Tier.CPU),
                                        DEMOTION_POLICIES[config.kv_offloading_policy],
                                        CostModelSwap(self.swap_cost) if self.swap_cost else ALWAYS_SWAP)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -143,25 +146,22 @@ class LLMEngine:
                               "--gpu-memory-utilization")
         return num_blocks
 
-    def _build_cpu_tier(self, kv: torch.Tensor) -> TransferEngine | None:
-        """The pinned host pool (--kv-offloading-size GiB) and its transfer engine, or None."""
-        self.host_pool: HostKVPool | None = None
+    def _num_cpu_blocks(self) -> int:
+        """The CPU tier's blocks (--kv-offloading-size GiB of its own spec's blocks); 0 when off."""
         if self.config.kv_offloading_size <= 0:
-            return None
+            return 0
         cpu_spec = self.kv_spec.on(Tier.CPU)
-        block_bytes = cpu_spec.bytes_per_block
         num_cpu_blocks = cpu_spec.num_blocks_in(self.config.kv_offloading_size * GiB)
         if num_cpu_blocks < 1:
             raise ConfigError(f"--kv-offloading-size {self.config.kv_offloading_size} GiB holds no KV block "
-                              f"of {block_bytes} bytes; give at least {block_bytes / GiB:.6f} GiB")
-        pool = HostKVPool(num_cpu_blocks, cpu_spec)
-        if pool.num_blocks == 0:
-            logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
-            return None
-        self.host_pool = pool
-        logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", pool.num_blocks,
-                    pool.num_blocks * block_bytes / GiB, ", pinned" if pool.pinned else "")
-        return TransferEngine(kv, pool.kv, block_bytes, pool.blocks_per_chunk)
+                              f"of {cpu_spec.bytes_per_block} bytes; give at least "
+                              f"{cpu_spec.bytes_per_block / GiB:.6f} GiB")
+        return num_cpu_blocks
+
+    @property
+    def host_pool(self) -> HostKVPool | None:
+        """The CPU tier's pinned storage, None when the tier is off."""
+        return self.worker.kv.host
 
     def _swap_cost_model(self, model: torch.nn.Module) -> SwapCostModel:
         # small and quick: the decision needs the order of magnitude, not the last percent
@@ -309,7 +309,7 @@ class LLMEngine:
         start = time.perf_counter()
         self._step_plan = None
         plan = self._step_plan = self.scheduler.schedule(only)
-        result = self.runner.execute(plan)
+        result = self.worker.execute(plan)
         self._settle_transfers()
         updated = self.scheduler.update_from_output(plan, result)
         outputs = self.output_processor.outputs(self._apply_tokens(updated, result.sampled), final_only)
@@ -353,10 +353,8 @@ class LLMEngine:
 
     def _settle_transfers(self, wait: bool = False) -> None:
         """Release what the completed steps' copies protected (wait: for all of them first)."""
-        transfers = self.runner.transfers
-        if transfers is not None:
-            for step_id in transfers.synchronize() if wait else transfers.poll():
-                self.kv_cache.complete_transfers(step_id)
+        for step_id in self.worker.poll(wait):
+            self.kv_cache.complete_transfers(step_id)
 
     def _log_stats(self) -> None:
         """vLLM-style periodic line: queue, KV usage and prefix hits per tier, bytes moved."""
@@ -414,7 +412,5 @@ class LLMEngine:
                "num_preemptions_total": sched.num_preemptions,
                "prefix_query_tokens_total": kv.prefix_queries}
         out.update(kv.tier_stats())
-        transfers = self.runner.transfers
-        out.update(transfers.stats() if transfers is not None
-                   else transfer_stats({"to_cpu": 0, "to_gpu": 0}, {"to_cpu": 0.0, "to_gpu": 0.0}))
+        out.update(self.worker.stats())
         return out

@@ -1,4 +1,7 @@
-"""Model runner: owns the model and the KV cache tensors, turns a plan into one forward + sampling."""
+"""Model runner: the model, its inputs and its sampler; turns a plan's requests into one forward + sampling.
+
+The worker (kvtier/engine/worker.py) runs it between the step's moves; it reads the GPU tier's
+tensors through the per-layer views the storage owner (kvtier/engine/kv_storage.py) gives it."""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvtier.cache.storage import StorageSpec, layer_views
+from kvtier.cache.storage import Tier
 from kvtier.engine.cuda_graphs import DecodeGraphs
+from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.sampler import Sampler
-from kvtier.engine.transfer_engine import LayerReady, TransferEngine
 from kvtier.models.attention_backends import make_attention_backend
 from kvtier.models.config import ModelConfig
-from kvtier.ops.attention import AttentionMetadata, LayerHooks
+from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, LayerHooks
 from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 # A step whose longest query has at most this many tokens, over a context of at least
@@ -51,13 +54,10 @@ def default_attention_backend(device: torch.device) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: torch.Tensor, kv_spec: StorageSpec,
-                 device: torch.device, seed: int = 0, attention_backend: str | None = None,
-                 transfers: TransferEngine | None = None):
-        # kv: the GPU tier's tensor, laid out as kv_spec says; the model reads it as per-layer views
-        self.model, self.cfg, self.kv_caches = model, cfg, layer_views(kv_spec, kv)
-        self.transfers = transfers  # copies to and from the CPU tier; None when the tier is off
-        self.block_size, self.device = kv_spec.block_size, device
+    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: KVStorage, device: torch.device, seed: int = 0,
+                 attention_backend: str | None = None):
+        self.model, self.cfg, self.kv_caches = model, cfg, kv.layer_views()  # per layer (K, V) views
+        self.block_size, self.device = kv.specs[Tier.GPU].block_size, device
         self.attention_backend = attention_backend or default_attention_backend(device)
         for layer in model.attention_layers():  # one backend object per layer: a layer may differ
             layer.backend = make_attention_backend(self.attention_backend)
@@ -66,7 +66,7 @@ class ModelRunner:
             # (~1 s each; what makes a variant: the top of kvtier/ops/triton_attention.py)
             from kvtier.ops import triton_attention  # here: importing kvtier must not import Triton
             triton_attention.precompile(*self.kv_caches[0], cfg.num_heads)
-            model.precompile(kv.dtype, device)
+            model.precompile(kv.gpu.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
@@ -74,36 +74,25 @@ class ModelRunner:
         # (ScheduledRequest.new_block_ids): grown only when a request gains a block.
         self._tables: dict[str, np.ndarray] = {}
 
-    @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        self.sampler.drop(plan.finished_request_ids)
+    def update_states(self, plan: SchedulerOutput) -> None:
+        """Forget finished and preempted requests, apply the plan's block-table diffs: first in a
+        step, before anything can fail, so the kept tables stay in step with the plans."""
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self._tables.pop(request_id, None)
-        self.apply_block_diffs(plan.scheduled)  # before anything can fail: tables stay in step with the plans
-        # the step's inputs cross to the device before its loads: one copy engine serves a direction
-        # in order, so a small copy issued after 500 MiB of loads would wait for all of them
-        inputs = None if plan.is_empty else self.prepare_inputs(plan.scheduled)
-        ready = self.transfers.before_forward(plan.transfers) if self.transfers is not None else None
-        try:
-            return RunnerOutput({}) if inputs is None else self._execute(inputs, ready)
-        finally:  # also when the forward or the sampler raised: the step's copies still complete
-            if ready is not None:
-                ready.wait_all()  # later work on this stream comes after every copy (the forward waited per layer)
-            if self.transfers is not None:
-                self.transfers.after_forward(plan.transfers)
+        self.apply_block_diffs(plan.scheduled)
 
-    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, segment_starts: list[int]) -> None:
+        """segment_starts: the first layer of each graph segment (where the step's moves may be
+        waited for; kvtier/engine/cuda_graphs.py)."""
         if self.device.type != "cuda" or self.attention_backend != "triton":
             raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
-        # one graph segment per layer group that CPU-tier loads may arrive by
-        starts = [layers.start for layers in self.transfers.group_layers] if self.transfers is not None else [0]
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                   self.block_size, self.device, starts)
+                                   self.block_size, self.device, segment_starts)
         self.graphs.capture()
 
-    def _execute(self, inputs: ModelInputs, ready: LayerReady | None) -> RunnerOutput:
-        if ready is not None:  # the forward waits before each layer for its KV
-            inputs.meta.hooks = LayerHooks(before=ready)
+    def execute_model(self, inputs: ModelInputs, hooks: LayerHooks = NO_HOOKS) -> RunnerOutput:
+        """The forward (with `hooks` around each layer) and sampling of prepared inputs."""
+        inputs.meta.hooks = hooks
         self.num_computed_tokens += inputs.input_ids.shape[0]
         logits = self._logits(inputs)
         if logits is None:

@@ -2,7 +2,7 @@
 
 How a block moves (chosen by measurement, benchmarks/results/.../transfer_alternatives.json): a
 GPU block is 2·L rows scattered over the cache (layer-major), a CPU block one contiguous chunk
-(block-major, kvtier/engine/host_kv_pool.py).
+(block-major; both tiers' tensors are owned by kvtier/engine/kv_storage.py).
 
     store:  cache rows --gather kernel--> staging (GPU, block-major) --DMA per run--> pinned pool
     load:   pinned pool --DMA per run--> staging --scatter kernel--> cache rows
@@ -23,8 +23,11 @@ whole, 43.6 GB/s in two groups, 40.9 in four).
 
 A step's plan is a tuple of typed operations (kvtier/cache/transfers.py, which says who plans
 what); each `Move` goes to the handler registered for its (src tier, dst tier): `_store` for
-GPU -> CPU, `_load` for CPU -> GPU. An operation no handler executes (a Recompute, a Move between
-other tiers, of one layer range, into a staging slot) fails the step before anything is issued.
+GPU -> CPU, `_load` for CPU -> GPU. When each runs is the step's `LayerPipeline`
+(kvtier/engine/layer_pipeline.py): BEFORE moves as the step begins, PER_LAYER loads of layers
+[a, b) at before_layer(a - prefetch_depth), PER_LAYER stores after layer b - 1, AFTER moves
+when the forward is done. An operation no handler executes (a Recompute, a Move between other
+tiers, into a staging slot) fails the step before anything is issued.
 
 One step with stores and loads, on a GPU:
 
@@ -48,18 +51,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from kvtier.cache.storage import Kind, Tier
 from kvtier.cache.transfers import Move, Operation, Recompute, Stage, TransferPlan
+from kvtier.engine.kv_storage import KVStorage
+from kvtier.engine.layer_pipeline import LayerPipeline
 from kvtier.ops import dma
 from kvtier.ops.kv_transfer import copy_blocks
 
 STAGING_BYTES = 256 << 20  # per direction; a step moving more goes through it in rounds
 LAYER_GROUPS = 2  # at most; the largest divisor of the layer count not above it
 SPLIT_MIN_RUN = 2.0  # mean consecutive CPU blocks per DMA run for a load to go group by group
+PREFETCH_DEPTH = 1  # a PER_LAYER load of layers [a, b) is issued before layer a - PREFETCH_DEPTH
 
 
 def staging_blocks(block_bytes: int) -> int:
@@ -76,57 +82,25 @@ class _InFlight:
     timed: list[tuple[str, torch.cuda.Event, torch.cuda.Event]]  # (direction, start, end)
 
 
-@dataclasses.dataclass
-class _Step:
-    """What the handlers of one step share: its in-flight record, the end of its BEFORE stores
-    (its loads wait for them) and the events the forward waits for per layer group."""
-    flight: _InFlight
-    stores_end: torch.cuda.Event | None = None
-    ready: list[torch.cuda.Event] | None = None
-
-
-MoveHandler = Callable[[Move, _Step], None]
-
-
-@dataclasses.dataclass
-class LayerReady:
-    """When each layer's KV of this step's copies is in place: the compute stream waits for
-    events[g] before the first layer of group g (the forward calls it as LayerHooks.before)."""
-    layers_per_group: int
-    events: list[torch.cuda.Event]  # one per layer group
-    device: torch.device
-    _waited: int = 0  # groups the compute stream already waits for
-
-    def __call__(self, layer: int) -> None:
-        self._wait_through(layer // self.layers_per_group + 1)
-
-    def wait_all(self) -> None:
-        self._wait_through(len(self.events))
-
-    def _wait_through(self, num_groups: int) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        for event in self.events[self._waited:num_groups]:
-            stream.wait_event(event)
-        self._waited = max(self._waited, num_groups)
+MoveHandler = Callable[[Move, LayerPipeline], None]
 
 
 class TransferEngine:
-    def __init__(self, gpu_kv: torch.Tensor, cpu_kv: torch.Tensor, block_bytes: int,
-                 cpu_blocks_per_chunk: int | None = None):
-        # gpu_kv: (L, 2, Ng, bs, Hkv, D) on the device; cpu_kv: (Nc, L, 2, bs, Hkv, D) pinned
-        num_layers = gpu_kv.shape[0]
-        self.gpu_blocks = gpu_kv.view(num_layers, 2, gpu_kv.shape[2], -1).permute(2, 0, 1, 3)  # (block, layer, kv, row)
-        self.cpu_blocks = cpu_kv.view(cpu_kv.shape[0], num_layers, 2, -1)  # (block, layer, kv, row)
-        self.num_layers, self.num_cpu_blocks = num_layers, cpu_kv.shape[0]
-        self.device = gpu_kv.device
-        self.block_bytes = block_bytes
-        self.chunk = cpu_blocks_per_chunk or self.num_cpu_blocks  # a DMA run never crosses a pinned chunk
+    def __init__(self, kv: KVStorage):
+        self.kv = kv
+        self.gpu_blocks = kv.block_rows(Tier.GPU)  # (Ng, L, 2, row) views of the owner's tensors
+        self.cpu_blocks = kv.block_rows(Tier.CPU)  # (Nc, L, 2, row), pinned
+        self.num_layers, self.num_cpu_blocks = self.gpu_blocks.shape[1], self.cpu_blocks.shape[0]
+        self.device = kv.device
+        self.block_bytes = kv.specs[Tier.CPU].bytes_per_block  # the bytes that cross the link
+        self.chunk = kv.cpu_blocks_per_chunk or self.num_cpu_blocks  # a DMA run never crosses a pinned chunk
         self.on_gpu = self.device.type == "cuda"
-        per_group = num_layers // layer_groups(num_layers)
-        self.group_layers = [slice(first, first + per_group) for first in range(0, num_layers, per_group)]
+        per_group = self.num_layers // layer_groups(self.num_layers)
+        self.group_layers = [slice(first, first + per_group) for first in range(0, self.num_layers, per_group)]
         self.can_split = len(self.group_layers) > 1 and dma.rows_available(self.device)
-        rows = (min(staging_blocks(block_bytes), self.num_cpu_blocks),) + tuple(self.cpu_blocks.shape[1:])
-        self.staging = {d: torch.empty(rows, dtype=gpu_kv.dtype, device=self.device) for d in ("to_cpu", "to_gpu")}
+        self.prefetch_depth = PREFETCH_DEPTH
+        num_staging = min(staging_blocks(self.block_bytes), self.num_cpu_blocks)
+        self.staging = {d: kv.staging(Tier.CPU, num_staging) for d in ("to_cpu", "to_gpu")}
         if self.on_gpu:
             self.streams = {d: torch.cuda.Stream(self.device) for d in ("to_cpu", "to_gpu")}
             self.kernel_args = {"num_programs": 4 * torch.cuda.get_device_properties(self.device).multi_processor_count}
@@ -141,7 +115,6 @@ class TransferEngine:
         self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
-        self._step = _Step(_InFlight(-1, []))  # the step whose moves are being issued
 
     def _precompile(self) -> None:
         """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
@@ -160,34 +133,26 @@ class TransferEngine:
         """The handler that issues every Move src -> dst (one per pair of tiers)."""
         self.handlers[src, dst] = handler
 
-    def before_forward(self, plan: TransferPlan) -> LayerReady | None:
-        """Checks every operation has a handler, then issues the BEFORE moves in plan order;
-        returns what the forward must wait for per layer (None when nothing is in flight: the
-        CPU, or a step that moves nothing, like most decodes)."""
+    def begin_step(self, plan: TransferPlan) -> LayerPipeline | None:
+        """Checks every operation has a handler, then issues the BEFORE moves in plan order; the
+        returned pipeline runs the rest around the forward's layers (None when the step moves
+        nothing, like most decodes)."""
         if plan.is_empty:
             return None
         for op in plan.operations:
             self._handler(op)
-        self._step = _Step(_InFlight(plan.step_id, []))
-        self._run(plan, Stage.BEFORE)
+        pipeline = LayerPipeline(self, plan, _InFlight(plan.step_id, []))
         if self.on_gpu:
-            self._inflight.append(self._step.flight)
-        ready = self._step.ready
-        return None if ready is None else LayerReady(self.num_layers // len(ready), ready, self.device)
+            self._inflight.append(pipeline.flight)
+        return pipeline
 
-    def after_forward(self, plan: TransferPlan) -> None:
-        """The AFTER moves (write-through stores of blocks the forward just filled); nothing
-        waits for them."""
-        if plan.is_empty:
-            return
-        self._run(plan, Stage.AFTER)
+    def issue(self, move: Move, pipeline: LayerPipeline) -> None:
+        self._handler(move)(move, pipeline)
+
+    def step_done(self, step_id: int) -> None:
+        """The pipeline of `step_id` issued its last move (on the CPU: all of them ran)."""
         if not self.on_gpu:
-            self._completed.append(plan.step_id)
-
-    def _run(self, plan: TransferPlan, stage: Stage) -> None:
-        for op in plan.operations:
-            if isinstance(op, Move) and op.stage is stage:
-                self._handler(op)(op, self._step)
+            self._completed.append(step_id)
 
     def _handler(self, op: Operation) -> MoveHandler:
         """The handler of a Move; a clear error for what no handler executes."""
@@ -197,57 +162,66 @@ class TransferEngine:
         if handler is None:
             raise NotImplementedError(f"{op.src.value} -> {op.dst.value}: no handler registered for this "
                                       f"pair of tiers (handled: {[f'{s.value}->{d.value}' for s, d in self.handlers]})")
-        if op.kind is not Kind.KV or op.layers is not None or op.ephemeral or op.stage is Stage.PER_LAYER:
-            raise NotImplementedError(f"{op}: the GPU<->CPU handlers move whole KV blocks of all layers into "
-                                      "permanent blocks, before or after the forward")
+        if op.kind is not Kind.KV or op.ephemeral:
+            raise NotImplementedError(f"{op}: the GPU<->CPU handlers move KV blocks into permanent blocks "
+                                      "(staging-slot moves come with the far-tier prefetch)")
+        if op.stage is Stage.PER_LAYER and op.layers is None:
+            raise ValueError(f"{op}: a per-layer move names its layers")
+        if op.layers is not None and not 0 <= op.layers[0] < op.layers[1] <= self.num_layers:
+            raise ValueError(f"{op}: layers must be [first, end) within [0, {self.num_layers})")
         return handler
 
-    def _store(self, move: Move, step: _Step) -> None:
-        """GPU -> CPU: block_pairs (gpu_block_id, cpu_block_id). A BEFORE store waits for the
-        forwards that wrote its blocks; the forward waits for it (when no load follows)."""
+    def _store(self, move: Move, pipeline: LayerPipeline) -> None:
+        """GPU -> CPU: block_pairs (gpu_block_id, cpu_block_id). Waits for the forwards (or, per
+        layer, the layers) that wrote its blocks; a BEFORE store is waited for by the forward's
+        first layer and by this step's loads."""
         pairs = list(move.block_pairs)
+        ranges = [_layer_slice(move.layers)]
         if not self.on_gpu:
-            self._copy_now("to_cpu", pairs, False)
+            self._copy_now("to_cpu", pairs, ranges)
             return
         self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
-        ends = self._issue("to_cpu", pairs, step.flight, split=False)
+        ends = self._issue("to_cpu", pairs, pipeline.flight, ranges)
         if move.stage is Stage.BEFORE:
-            step.stores_end, step.ready = ends[-1], ends
+            pipeline.stores_end = ends[-1]
+            pipeline.wait_before(0, ends[-1])
 
-    def _load(self, move: Move, step: _Step) -> None:
+    def _load(self, move: Move, pipeline: LayerPipeline) -> None:
         """CPU -> GPU: block_pairs (cpu_block_id, gpu_block_id). Waits for the forwards that may
         still read its destination blocks, and for this step's stores (only those: earlier
         write-through ones may run on); the forward waits for it layer group by layer group."""
         pairs = [(g, c) for c, g in move.block_pairs]
-        split = self._split(pairs)
+        ranges = [_layer_slice(move.layers)] if move.layers is not None else self._load_ranges(pairs)
         if not self.on_gpu:
-            self._copy_now("to_gpu", pairs, split)
+            self._copy_now("to_gpu", pairs, ranges)
             return
         load = self.streams["to_gpu"]
         load.wait_stream(torch.cuda.current_stream(self.device))
-        if step.stores_end is not None:
-            load.wait_event(step.stores_end)
-        step.ready = self._issue("to_gpu", pairs, step.flight, split)
+        if pipeline.stores_end is not None:
+            load.wait_event(pipeline.stores_end)
+        for layers, end in zip(ranges, self._issue("to_gpu", pairs, pipeline.flight, ranges)):
+            pipeline.wait_before(layers.start or 0, end)
 
-    def _split(self, loads: list[tuple[int, int]]) -> bool:
-        """Whether a load goes layer group by layer group: only when its CPU blocks come in runs."""
-        if not loads or not self.can_split:
-            return False
-        num_runs = len(_runs(sorted(c for _, c in loads), self.chunk))
-        split = len(loads) >= SPLIT_MIN_RUN * num_runs
+    def _load_ranges(self, loads: list[tuple[int, int]]) -> list[slice]:
+        """A whole-model load goes layer group by layer group only when its CPU blocks come in runs."""
+        split = bool(loads) and self.can_split and len(loads) >= SPLIT_MIN_RUN * len(
+            _runs(sorted(c for _, c in loads), self.chunk))
         self.num_split_loads += split
-        return split
+        return self.layer_ranges(split)
+
+    def layer_ranges(self, split: bool) -> list[slice]:
+        return list(self.group_layers) if split else [slice(None)]
 
     def _issue(self, direction: str, pairs: list[tuple[int, int]], flight: _InFlight,
-               split: bool) -> list[torch.cuda.Event]:
+               ranges: list[slice]) -> list[torch.cuda.Event]:
         """pairs: (gpu_block_id, cpu_block_id), moved in `direction` on that direction's stream;
-        returns an event per layer group marking its end (one for all layers unless split)."""
+        returns an event per layer range marking its end."""
         stream = self.streams[direction]
         with torch.cuda.stream(stream):
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
             ends = []
-            for copies in self._staged_copies(direction, pairs, split):
+            for copies in self._staged_copies(direction, pairs, ranges):
                 for copy in copies:
                     copy()
                 ends.append(torch.cuda.Event(enable_timing=True))
@@ -255,18 +229,19 @@ class TransferEngine:
         flight.timed.append((direction, start, ends[-1]))
         return ends
 
-    def _copy_now(self, direction: str, pairs: list[tuple[int, int]], split: bool) -> None:
+    def _copy_now(self, direction: str, pairs: list[tuple[int, int]], ranges: list[slice]) -> None:
         if pairs:
             start = time.perf_counter()
-            for copies in self._staged_copies(direction, pairs, split):
+            for copies in self._staged_copies(direction, pairs, ranges):
                 for copy in copies:
                     copy()
             self.seconds[direction] += time.perf_counter() - start
 
-    def _staged_copies(self, direction: str, pairs: list[tuple[int, int]], split: bool):
-        """Per layer group (all layers as one unless split), its copies as callables: rounds of
-        up to one staging buffer, each a kernel leg on the device and a DMA leg per run of
-        consecutive CPU blocks (sorted by CPU block, so slot i of a round holds its i-th)."""
+    def _staged_copies(self, direction: str, pairs: list[tuple[int, int]],
+                       ranges: list[slice]) -> Iterator[list[Callable[[], None]]]:
+        """Per layer range, its copies as callables: rounds of up to one staging buffer, each a
+        kernel leg on the device and a DMA leg per run of consecutive CPU blocks (sorted by CPU
+        block, so slot i of a round holds its i-th)."""
         staging = self.staging[direction]
         pairs = sorted(pairs, key=lambda p: p[1])
         rounds = []
@@ -276,7 +251,8 @@ class TransferEngine:
             if self.on_gpu:
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
             rounds.append((ids, _runs([c for _, c in chunk], self.chunk)))
-        self.bytes[direction] += len(pairs) * self.block_bytes
+        moved_layers = sum(len(range(self.num_layers)[layers]) for layers in ranges)
+        self.bytes[direction] += len(pairs) * self.block_bytes * moved_layers // self.num_layers
 
         def copy(layers: slice, ids: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
             gpu, cpu, stage = self.gpu_blocks[:, layers], self.cpu_blocks[:, layers], staging[:, layers]
@@ -290,7 +266,7 @@ class TransferEngine:
             if direction == "to_gpu":
                 copy_blocks(stage, gpu, ids[1], ids[0], **self.kernel_args)
 
-        for layers in self.group_layers if split else [slice(None)]:
+        for layers in ranges:
             yield [functools.partial(copy, layers, ids, runs) for ids, runs in rounds]
 
     # -- completion -----------------------------------------------------------------------------
@@ -324,6 +300,10 @@ def transfer_stats(num_bytes: dict[str, int], seconds: dict[str, float]) -> dict
     """The stats() keys of the transfers (also those of an engine without a CPU tier: zeros)."""
     return {"bytes_to_cpu_total": num_bytes["to_cpu"], "bytes_to_gpu_total": num_bytes["to_gpu"],
             "transfer_seconds_to_cpu_total": seconds["to_cpu"], "transfer_seconds_to_gpu_total": seconds["to_gpu"]}
+
+
+def _layer_slice(layers: tuple[int, int] | None) -> slice:
+    return slice(None) if layers is None else slice(*layers)
 
 
 def _runs(cpu_ids: list[int], chunk: int) -> list[tuple[int, int, int]]:

@@ -42,8 +42,9 @@ class LayerHooks:
     before(i) runs before layer i (wait for the KV layer i reads; issue what layer i+d will read),
     after(i) after it (release a staging slot, save what must be saved). Both run on the host, in
     layer order, once per layer of an eager forward. A CUDA graph replayed in segments (one per
-    group of layers, kvtier/engine/cuda_graphs.py) calls before(first layer) before a segment and
-    after(last layer) after it: a hook acts on whole segments there, so segments follow the pipeline.
+    group of layers, kvtier/engine/cuda_graphs.py) calls before(i) for each layer of a segment
+    before replaying it and after(i) for each after: a hook acts on whole segments there, so
+    segments follow the pipeline.
     """
 
     before: Callable[[int], None] | None = None

@@ -1,0 +1,84 @@
+"""KVStorage: the one owner of every tier's KV tensors.
+
+Each tier holds blocks of its own StorageSpec (kvtier/cache/storage.py): the GPU tier one
+layer-major tensor in device memory, the CPU tier (when on) one block-major tensor in pinned host
+memory (HostKVPool). Everything else reads them through this object: the model through
+`layer_views`, the transfer engine through `block_rows` and the staging buffers it asks for, the
+engine through `num_blocks`. Block ids index the first dimension of a tier's `block_rows`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.cache import storage
+from kvtier.cache.storage import Kind, StorageSpec, Tier
+from kvtier.engine.host_kv_pool import HostKVPool
+
+logger = logging.getLogger(__name__)
+
+
+class KVStorage:
+    def __init__(self, gpu_spec: StorageSpec, gpu: torch.Tensor, host: HostKVPool | None = None):
+        if gpu.dim() != 6 or tuple(gpu.shape) != gpu_spec.shape(gpu.shape[2]):
+            raise ValueError(f"the GPU tensor {tuple(gpu.shape)} is not laid out as its spec says "
+                             f"({gpu_spec.layout.value}: {gpu_spec.shape(0)} with the block count at dim 2)")
+        self.gpu, self.host = gpu, host  # gpu: (L, parts, Ng, bs, H, D); host.kv: (Nc, L, parts, bs, H, D)
+        self.specs: dict[Tier, StorageSpec] = {Tier.GPU: gpu_spec}
+        if host is not None:
+            self.specs[Tier.CPU] = host.spec
+
+    @classmethod
+    def allocate(cls, gpu_spec: StorageSpec, num_gpu_blocks: int, device: torch.device,
+                 num_cpu_blocks: int = 0, pin: bool | None = None) -> KVStorage:
+        """The GPU tier's tensor and, given CPU blocks, the pinned CPU tier (in the same blocks'
+        CPU layout); a CPU tier that could pin nothing is left off, with a warning."""
+        gpu = storage.allocate(gpu_spec, num_gpu_blocks, device)
+        host = HostKVPool(num_cpu_blocks, gpu_spec.on(Tier.CPU), pin) if num_cpu_blocks > 0 else None
+        if host is not None and host.num_blocks == 0:
+            logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
+            host = None
+        return cls(gpu_spec, gpu, host)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpu.device
+
+    @property
+    def has_cpu_tier(self) -> bool:
+        return self.host is not None
+
+    def num_blocks(self, tier: Tier) -> int:
+        return self.block_rows(tier).shape[0]
+
+    def layer_views(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer the GPU tier's (K, V) as the attention reads them, each (Ng, bs, H, D)."""
+        return storage.layer_views(self.specs[Tier.GPU], self.gpu)
+
+    def block_rows(self, tier: Tier) -> torch.Tensor:
+        """(blocks, layers, parts, row elements) of `tier`: what the copy kernels and DMAs index."""
+        if tier is Tier.CPU:
+            if self.host is None:
+                raise ValueError("this engine has no CPU tier (--kv-offloading-size is 0)")
+            return storage.block_rows(self.specs[Tier.CPU], self.host.kv)
+        return storage.block_rows(self.specs[Tier.GPU], self.gpu)
+
+    def staging(self, tier: Tier, num_blocks: int) -> torch.Tensor:
+        """A device buffer of `num_blocks` blocks of `tier` in its block-major rows and its own
+        dtype (what crosses the link is the far tier's bytes): (n, layers, parts, row elements)."""
+        spec = self.specs[tier]
+        if spec.kind is not Kind.KV or spec.scale is not None:
+            raise NotImplementedError(f"staging for {spec.kind.value} blocks with scales comes with quantized tiers")
+        rows = (num_blocks, spec.num_layers, spec.num_parts, spec.row_elements)
+        return torch.empty(rows, dtype=spec.torch_dtype(), device=self.device)
+
+    @property
+    def cpu_blocks_per_chunk(self) -> int:
+        """CPU blocks per pinned registration: one DMA copy never spans two."""
+        return self.host.blocks_per_chunk if self.host is not None else 0
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()

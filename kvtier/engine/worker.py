@@ -1,0 +1,78 @@
+"""Worker: executes a step plan on one device — `execute(plan) -> RunnerOutput`.
+
+It owns what a GPU holds: the KV storage of every tier (kvtier/engine/kv_storage.py), the model
+runner (inputs, forward, sampling) and the transfer engine (moves between tiers, dispatched to a
+handler per (src, dst) tier). The engine process owns the scheduler and the block bookkeeping and
+sends the worker only the plan (plain data, picklable: kvtier/scheduler/output.py), so one worker
+per GPU can run the same plan (tensor parallelism).
+
+One step:
+
+    runner.update_states(plan)        finished requests dropped, block-table diffs applied
+    runner.prepare_inputs(...)        the step's small arrays cross to the device first
+    transfers.begin_step(plan.transfers) -> pipeline   BEFORE moves issued
+    runner.execute_model(inputs, pipeline.hooks)       the forward waits / issues per layer
+    pipeline.finish()                 the rest waited for; AFTER moves issued (also on failure)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvtier.cache.storage import Tier
+from kvtier.engine.kv_storage import KVStorage
+from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.transfer_engine import TransferEngine, transfer_stats
+from kvtier.models.config import ModelConfig
+from kvtier.ops.attention import NO_HOOKS
+from kvtier.scheduler.output import RunnerOutput, SchedulerOutput
+
+
+class Worker:
+    def __init__(self, model: nn.Module, cfg: ModelConfig, kv: KVStorage, device: torch.device,
+                 seed: int = 0, attention_backend: str | None = None):
+        self.kv = kv
+        self.runner = ModelRunner(model, cfg, kv, device, seed, attention_backend)
+        self.transfers = TransferEngine(kv) if kv.has_cpu_tier else None  # None: no CPU tier
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        self.runner.update_states(plan)
+        # the step's inputs cross to the device before its loads: one copy engine serves a direction
+        # in order, so a small copy issued after 500 MiB of loads would wait for all of them
+        inputs = None if plan.is_empty else self.runner.prepare_inputs(plan.scheduled)
+        pipeline = self.transfers.begin_step(plan.transfers) if self.transfers is not None else None
+        try:
+            if inputs is None:
+                return RunnerOutput({})
+            return self.runner.execute_model(inputs, pipeline.hooks if pipeline is not None else NO_HOOKS)
+        finally:  # also when the forward or the sampler raised: the step's copies still complete
+            if pipeline is not None:
+                pipeline.finish()
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """One graph segment per layer group that CPU-tier loads may arrive by."""
+        starts = [layers.start for layers in self.transfers.group_layers] if self.transfers is not None else [0]
+        self.runner.capture_decode_graphs(max_num_seqs, max_model_len, starts)
+
+    def free_kv_cache(self) -> None:
+        """Drop every tier's KV tensors and what holds them (graphs, staging buffers): the engine
+        cannot step after this (benchmarks give the memory to a peer run last)."""
+        self.runner.kv_caches, self.runner.graphs, self.transfers = [], None, None
+        self.kv.close()
+        del self.kv
+
+    def poll(self, wait: bool = False) -> list[int]:
+        """Step ids whose moves have completed (wait: for all in flight first)."""
+        if self.transfers is None:
+            return []
+        return self.transfers.synchronize() if wait else self.transfers.poll()
+
+    def num_blocks(self, tier: Tier) -> int:
+        return self.kv.num_blocks(tier) if tier is Tier.GPU or self.kv.has_cpu_tier else 0
+
+    def stats(self) -> dict[str, float]:
+        if self.transfers is not None:
+            return self.transfers.stats()
+        return transfer_stats({"to_cpu": 0, "to_gpu": 0}, {"to_cpu": 0.0, "to_gpu": 0.0})

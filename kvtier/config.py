@@ -65,6 +65,8 @@ class EngineConfig:
     # use (default_cpu_threads). Fewer can be far faster beside other busy processes: threads that
     # wait for a core at every op's barrier stall the whole op.
     cpu_threads: int | None = None
+    # schedule step N+1 while step N runs (sampled ids stay on the device); None = on with a GPU
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))

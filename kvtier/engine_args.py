@@ -46,6 +46,9 @@ _ENGINE_HELP = {
     "cpu_threads": "torch threads for the model on the CPU; default: OMP_NUM_THREADS if set, else the "
                    "cores this process may use. Beside other busy processes a lower value (even 1) "
                    "can be many times faster. On a GPU applied only when given",
+    "async_scheduling": "schedule the next step while this one runs on the device (sampled token ids "
+                        "stay there and feed the next step; stops are seen one step late and tokens past "
+                        "them dropped); default: on with a GPU, off on the CPU",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
             "kv_offloading_policy": OFFLOAD_POLICIES}
@@ -59,7 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": _ENGINE_HELP.get(f.name)}
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "kv_cache_memory":
             kwargs["type"] = str

@@ -45,6 +45,9 @@ class Request:
         self.cache_salt = cache_salt
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # async scheduling: tokens sampled on the device that the host has not seen yet (their
+        # positions count in num_computed_tokens once scheduled)
+        self.num_pending_outputs = 0
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time(),
                                       num_prompt_tokens=len(prompt_token_ids))

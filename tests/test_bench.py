@@ -28,6 +28,26 @@ def test_bench_throughput_writes_json_with_hf_comparison(tmp_path, capsys):
     assert res["roofline_fraction"] == pytest.approx(res["roofline_step_ms"] / res["decode_step_ms"])
     assert res["speedup_vs_hf"] == pytest.approx(res["output_tok_s"] / res["hf_output_tok_s"])
     assert "roofline_fraction" in capsys.readouterr().out
+    assert (res["temperature"], res["top_p"], res["top_k"]) == (0.0, 1.0, 0)
+    # the bound: every step at its roofline or its FLOPs at the matmul rate, never above the run
+    assert 0 < res["e2e_roofline_fraction"] == pytest.approx(res["bound_s"] / res["elapsed_s"])
+    assert res["e2e_roofline_fraction"] < 1
+
+
+def test_bench_throughput_samples_as_asked(tmp_path, monkeypatch):
+    """--temperature/--top-p/--top-k reach every request of the timed run and the JSON."""
+    seen = []
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, params, **kw: seen.append(params) or
+                        generate(self, prompts, params, **kw))
+    out = tmp_path / "sampled.json"
+    assert main(["bench", "throughput", "--model", "tiny-llama", "--load-format", "dummy", "--num-prompts", "2",
+                 "--input-len", "16", "--output-len", "4", "--output-json", str(out),
+                 "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50"]) == 0
+    res = json.loads(out.read_text())
+    assert (res["temperature"], res["top_p"], res["top_k"]) == (1.0, 0.9, 50)
+    timed = seen[-1]
+    assert len(timed) == 2 and all((p.temperature, p.top_p, p.top_k) == (1.0, 0.9, 50) for p in timed)
 
 
 def test_hf_model_sharing_weights_generates_our_tokens():

@@ -49,14 +49,14 @@ def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
     engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
     engine.kv_cache.swap_policy = ALWAYS_SWAP
-    execute = engine.worker.execute
+    execute = engine.worker.execute_async
 
     def counting_execute(plan):
         nonlocal moved_steps, steps
         steps += 1
         moved_steps += not plan.transfers.is_empty
         return execute(plan)
-    engine.worker.execute = counting_execute
+    engine.worker.execute_async = counting_execute
     for w, prompts in enumerate(prompt_waves):
         for i, p in enumerate(prompts):
             engine.add_request(p, greedy(new_tokens), request_id=f"{w}-{i}")
@@ -381,13 +381,13 @@ def test_a_step_plan_from_a_running_engine_pickles(tiny_model_dir):
     llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **TIGHT, kv_offloading_size=0.002)
     engine = llm.engine
     engine.kv_cache.swap_policy = ALWAYS_SWAP
-    execute, taken = engine.worker.execute, []
+    execute, taken = engine.worker.execute_async, []
 
     def taking(plan):
         if not plan.transfers.is_empty and plan.scheduled:
             taken.append((plan, pickle.dumps(plan)))
         return execute(plan)
-    engine.worker.execute = taking
+    engine.worker.execute_async = taking
     llm.generate(random_prompts(MIXED_LENGTHS), greedy(NEW_TOKENS, repetition_penalty=1.3), use_tqdm=False)
     assert taken, "no step moved KV between tiers"
     assert any(not s.reset_block_table for plan, _ in taken for s in plan.scheduled)

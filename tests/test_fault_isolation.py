@@ -24,14 +24,14 @@ def _poisoned_item(engine, item) -> bool:
 
 def inject_in_forward(engine):
     """Fail the runner before the forward of any step that holds a poisoned request."""
-    execute = engine.worker.execute
+    execute = engine.worker.execute_async
 
     def failing(plan):
         if any(_poisoned_item(engine, s) for s in plan.scheduled):
             raise RuntimeError("injected fault in the forward")
         return execute(plan)
-    engine.worker.execute = failing
-    return lambda: setattr(engine.worker, "execute", execute)
+    engine.worker.execute_async = failing
+    return lambda: setattr(engine.worker, "execute_async", execute)
 
 
 def inject_in_sampler(engine):
@@ -83,14 +83,17 @@ def run_to_end(engine) -> dict:
 
 @pytest.mark.parametrize("inject", [inject_in_forward, inject_in_sampler, inject_in_detokenizer])
 @pytest.mark.parametrize("tier", ["gpu-only", "cpu-tier"])
-def test_a_failing_request_fails_alone(tiny_model_dir, inject, tier):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_failing_request_fails_alone(tiny_model_dir, inject, tier, async_scheduling):
+    """Async scheduling too: the failed step and the one issued after it are rolled back and
+    their requests run one at a time; the others' tokens equal a synchronous run without faults."""
     path = tiny_model_dir("tiny-llama")[0]
     extra = {"kv_offloading_size": 0.002} if tier == "cpu-tier" else {}
     args = dict(skip_tokenizer_init=True, dtype="float32", block_size=4, max_model_len=96, **extra)
     prompts = random_prompts(MIXED_LENGTHS, seed=3)
     want, fresh = reference(path, tier, prompts + [POISON + prompts[3]], **args)
 
-    engine = LLM(str(path), **args).engine
+    engine = LLM(str(path), async_scheduling=async_scheduling, **args).engine
     undo = inject(engine)
     ids = [engine.add_request(p, greedy(12)) for p in prompts[:3]]
     bad = engine.add_request(POISON + prompts[3], greedy(12))

@@ -3,6 +3,11 @@ prefill MFU against the measured matmul rate, and optionally HF transformers on 
 
 Decode roofline per step = (weight bytes + K/V bytes the step's attention reads) / measured
 device copy bandwidth; `roofline_fraction` = roofline / measured (1.0 is the limit).
+
+The engine's own bound on the whole run: each step at the slower of its roofline (memory) and its
+FLOPs at the measured matmul rate, summed; `e2e_roofline_fraction` = that sum / the elapsed time
+(= output tokens/s over the bound's). `host_ms_per_step`: the median gap on the device between one
+decode step's end and the next one's start (CUDA events, no sync): host time the GPU waited for.
 """
 
 from __future__ import annotations
@@ -34,6 +39,18 @@ class DeviceRates:
         return cls(memory_bandwidth(device), matmul_flops(device, dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the benchmark's requests sample (temperature 0: greedy)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def params(self, max_tokens: int, ignore_eos: bool) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=max_tokens, ignore_eos=ignore_eos)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
 
@@ -48,11 +65,12 @@ def device_info(llm: LLM) -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True) -> tuple[float, list, list[StepRecord]]:
-    """Generate greedily; returns (seconds, outputs, per-step records)."""
+def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True,
+                 sampling: Sampling = Sampling()) -> tuple[float, list, list[StepRecord]]:
+    """Generate (greedily unless `sampling` says otherwise); returns (seconds, outputs, per-step records)."""
     engine = llm.engine
     engine.step_log = []
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in reqs]
+    params = [sampling.params(r.output_len, ignore_eos) for r in reqs]
     _sync(llm)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
@@ -89,16 +107,37 @@ def prefill_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict
     prefill = [s for s in steps if not s.decode_only]
     if not prefill:
         return {}
-    cfg = llm.engine.model_config
-    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())
     tokens = sum(s.num_tokens for s in prefill)
     seconds = sum(s.seconds for s in prefill)
-    # attention: QK^T and PV, 2 flops per MAC, each token attends to about half its context
-    attn = sum(4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * s.num_tokens
-               * (s.sum_seq_lens / max(s.num_seqs, 1)) / 2 for s in prefill)
-    flops = 2 * n_params * tokens + attn
+    flops = sum(step_flops(llm, s) for s in prefill)
     return {"prefill_tokens": tokens, "prefill_s": seconds, "prefill_tok_s": tokens / seconds,
             "prefill_tflops": flops / seconds / 1e12, "prefill_mfu": flops / seconds / rates.flops}
+
+
+def step_flops(llm: LLM, step: StepRecord) -> float:
+    """Matmuls (2 per parameter per token) and causal attention (QK^T and PV, each token over
+    about half its sequence)."""
+    cfg = llm.engine.model_config
+    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())
+    mean_seq_len = step.sum_seq_lens / max(step.num_seqs, 1)
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * step.num_tokens * mean_seq_len / 2
+    return 2 * n_params * step.num_tokens + attn
+
+
+def bound_stats(llm: LLM, seconds: float, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+    """The engine's own bound on the run (each step at max(memory roofline, FLOPs at the matmul
+    rate)) and the host time the device waited for between decode steps."""
+    if not steps:
+        return {}
+    kv_tok, w_bytes = llm.engine.kv_spec.bytes_per_token, weight_bytes(llm.engine.runner.model)
+    bound = sum(max((w_bytes + s.sum_seq_lens * kv_tok) / rates.mem_bw, step_flops(llm, s) / rates.flops)
+                for s in steps)
+    out = {"bound_s": bound, "e2e_roofline_fraction": bound / seconds}
+    gaps = [a.device_end.elapsed_time(b.device_start) for a, b in zip(steps, steps[1:])
+            if a.decode_only and b.decode_only and a.device_end is not None and b.device_start is not None]
+    if gaps:
+        out["host_ms_per_step"] = statistics.median(gaps)
+    return out
 
 
 def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
@@ -112,17 +151,19 @@ def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
            "mem_bw_gb_s": rates.mem_bw / 1e9, "matmul_tflops": rates.flops / 1e12}
     res.update(decode_stats(llm, steps, rates))
     res.update(prefill_stats(llm, steps, rates))
+    res.update(bound_stats(llm, seconds, steps, rates))
     if llm.engine.device.type == "cuda":
         res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(llm.engine.device) / 1e9
     return res
 
 
 def benchmark(llm: LLM, reqs: list[BenchRequest], rates: DeviceRates, seed: int = 0,
-              ignore_eos: bool = True) -> dict[str, Any]:
+              ignore_eos: bool = True, sampling: Sampling = Sampling()) -> dict[str, Any]:
     """Warm up, run `reqs` once, and summarize with the device and model description."""
-    run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed))
-    seconds, outs, steps = run_requests(llm, reqs, ignore_eos)
-    return {**device_info(llm), **summarize(llm, reqs, seconds, outs, steps, rates)}
+    run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed), sampling=sampling)
+    seconds, outs, steps = run_requests(llm, reqs, ignore_eos, sampling)
+    return {**device_info(llm), **dataclasses.asdict(sampling), "async_scheduling": llm.engine.async_scheduling,
+            **summarize(llm, reqs, seconds, outs, steps, rates)}
 
 
 def warmup_requests(reqs: list[BenchRequest], vocab_size: int, seed: int) -> list[BenchRequest]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import itertools
@@ -20,7 +21,7 @@ from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.transfer_engine import STAGING_BYTES
-from kvtier.engine.worker import Worker
+from kvtier.engine.worker import StepFuture, Worker
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
@@ -52,6 +53,15 @@ class StepRecord:
     num_blocks_loaded: int  # CPU -> GPU
     num_blocks_stored: int  # GPU -> CPU, before and after the forward
     compiled_variants: int | None  # Triton kernel variants compiled in the process so far (None: interpreted)
+    device_start: torch.cuda.Event | None = None  # the step's device work (GPU; read after a sync)
+    device_end: torch.cuda.Event | None = None
+
+
+@dataclasses.dataclass
+class _IssuedStep:
+    plan: SchedulerOutput
+    issued: float  # perf_counter() when it was planned
+    future: StepFuture | None = None  # None until issued
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -99,12 +109,15 @@ class LLMEngine:
                                        self.worker.num_blocks(Tier.CPU),
                                        DEMOTION_POLICIES[config.kv_offloading_policy],
                                        CostModelSwap(self.swap_cost) if self.swap_cost else ALWAYS_SWAP)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.kv_cache)
+                                                   self.max_model_len, self.async_scheduling), self.kv_cache)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_log: list[StepRecord] | None = None  # benchmarks set a list (syncs every step)
         self._ids = itertools.count()
-        self._step_plan: SchedulerOutput | None = None  # the plan of the step being run
+        self._inflight: collections.deque[_IssuedStep] = collections.deque()  # issued, tokens not taken
+        self._last_finished = 0.0  # perf_counter() when the step log last recorded a step
         self._last_log = time.monotonic()
         logger.info("kvtier: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len)
@@ -306,25 +319,52 @@ class LLMEngine:
             return self._isolate_failure(error, final_only)
 
     def _step(self, final_only: bool, only: frozenset[str] | None = None) -> list[RequestOutput]:
-        start = time.perf_counter()
-        self._step_plan = None
-        plan = self._step_plan = self.scheduler.schedule(only)
-        result = self.worker.execute(plan)
-        self._settle_transfers()
-        updated = self.scheduler.update_from_output(plan, result)
-        outputs = self.output_processor.outputs(self._apply_tokens(updated, result.sampled), final_only)
-        if self.step_log is not None and not plan.is_empty:
-            self._record_step(plan, start)
+        """Schedule and issue a step; then finish the steps before it (async scheduling keeps the
+        newest one running while the next is planned) or this one."""
+        step = _IssuedStep(self.scheduler.schedule(only), time.perf_counter())
+        self._inflight.append(step)  # before it is issued: a failure rolls it back
+        self.worker.time_steps = self.step_log is not None
+        step.future = self.worker.execute_async(step.plan)
+        keep = 1 if self.async_scheduling and only is None and not step.plan.is_empty else 0
+        outputs = []
+        while len(self._inflight) > keep:
+            outputs += self._finish_step(final_only)
         if time.monotonic() - self._last_log >= LOG_STATS_INTERVAL_S and logger.isEnabledFor(logging.INFO):
             self._log_stats()
         return outputs
 
+    def _finish_step(self, final_only: bool) -> list[RequestOutput]:
+        """The oldest issued step's tokens to the scheduler and the outputs."""
+        step = self._inflight[0]
+        result = step.future.result() if step.future is not None else None  # may raise: it stays listed
+        self._inflight.popleft()
+        if result is None:
+            raise RuntimeError("a step was listed but never issued")
+        self._settle_transfers()
+        updated = self.scheduler.update_from_output(step.plan, result)
+        outputs = self.output_processor.outputs(self._apply_tokens(updated, result.sampled), final_only)
+        if self.step_log is not None and not step.plan.is_empty:
+            self._record_step(step)
+        return outputs
+
+    def _abandon_inflight(self) -> list[str]:
+        """After a failure: the issued steps whose tokens were not taken are undone (async
+        scheduling advanced their requests when planning them) and will run again; returns
+        their requests that are still unfinished."""
+        suspects: list[str] = []
+        for step in reversed(self._inflight):
+            self.scheduler.rollback(step.plan)
+            suspects += [item.request_id for item in step.plan.scheduled]
+        self._inflight.clear()
+        self.worker.forget_sampled()
+        return [rid for rid in dict.fromkeys(reversed(suspects)) if rid in self.scheduler.requests]
+
     def _isolate_failure(self, error: Exception, final_only: bool) -> list[RequestOutput]:
         """Run the failed step's requests one at a time: the ones that fail alone are failed, the
         others advance as in any step. The failed step changed no request's progress (tokens are
-        counted after the forward), so nobody's output differs from a run without the failure."""
-        scheduled = self._step_plan.scheduled if self._step_plan is not None else []
-        suspects = [item.request_id for item in scheduled if item.request_id in self.scheduler.requests]
+        counted after the forward; async scheduling's advance is rolled back), so nobody's output
+        differs from a run without the failure."""
+        suspects = self._abandon_inflight()
         if not suspects:
             raise error  # not in a request's part of the step: the caller fails the batch
         logger.warning("kvtier: a step of %d requests failed (%s: %s); running them one at a time to find "
@@ -341,6 +381,7 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 logger.error("kvtier: request %s failed inside an engine step and was ended", rid,
                              exc_info=True)
+                self._abandon_inflight()
                 self.kv_cache.forget_uncomputed(self.scheduler.requests[rid])
                 request_id = self.output_processor.request_id_of(rid)
                 self._fail(request_id, e)
@@ -370,12 +411,16 @@ class LLMEngine:
                      f"demotions {s['num_demotions_total']}, swaps {s['num_swaps_out_total']}")
         logger.info("kvtier: %s", line)
 
-    def _record_step(self, plan, start: float) -> None:
-        # The step's own work only: a device-wide sync would also wait for the write-through copies
-        # that run beside later steps, and change what a benchmark with the CPU tier measures.
-        if self.device.type == "cuda":
+    def _record_step(self, step: _IssuedStep) -> None:
+        """Synchronous steps: the step's own work, waited for (a device-wide sync would also wait
+        for the write-through copies that run beside later steps). Async: the time since the last
+        step finished (host and device overlap, so that is the step's cost), with no sync."""
+        if not self.async_scheduling and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        seconds = time.perf_counter() - start
+        now = time.perf_counter()
+        seconds = now - (max(step.issued, self._last_finished) if self.async_scheduling else step.issued)
+        self._last_finished = now
+        plan = step.plan
         seq_lens = [s.start_pos + len(s.token_ids) for s in plan.scheduled]
         num_decode = sum(len(s.token_ids) == 1 and s.start_pos >= s.num_prompt_tokens for s in plan.scheduled)
         moves = plan.transfers
@@ -383,7 +428,9 @@ class LLMEngine:
             plan.num_batched_tokens, len(seq_lens), plan.num_batched_tokens == len(seq_lens), sum(seq_lens),
             seconds, time.time(), num_prefill_tokens=plan.num_batched_tokens - num_decode,
             num_decode_tokens=num_decode, num_blocks_loaded=moves.num_blocks(Tier.CPU, Tier.GPU),
-            num_blocks_stored=moves.num_blocks(Tier.GPU, Tier.CPU), compiled_variants=num_compiled_variants()))
+            num_blocks_stored=moves.num_blocks(Tier.GPU, Tier.CPU), compiled_variants=num_compiled_variants(),
+            device_start=step.future.device_start if step.future else None,
+            device_end=step.future.device_end if step.future else None))
 
     def _apply_tokens(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[str]:
         """Text and logprobs of the step's tokens; finishes what a stop string or a failure ended.

@@ -14,11 +14,11 @@ from torch import nn
 from kvtier.cache.storage import Tier
 from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.kv_storage import KVStorage
-from kvtier.engine.sampler import Sampler
+from kvtier.engine.sampler import DeviceSample, Sampler
 from kvtier.models.attention_backends import make_attention_backend
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, LayerHooks
-from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvtier.scheduler.output import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 
 # A step whose longest query has at most this many tokens, over a context of at least
 # PER_TOKEN_MIN_CONTEXT, runs attention as one decode per token (H100: 16 queries over 4112 keys
@@ -73,6 +73,8 @@ class ModelRunner:
         # Each running request's block table as a numpy row, kept from the plans' diffs
         # (ScheduledRequest.new_block_ids): grown only when a request gains a block.
         self._tables: dict[str, np.ndarray] = {}
+        # the last step's sampled ids on the device, and each request's row in them
+        self._sampled: tuple[dict[str, int], torch.Tensor | None] = ({}, None)
 
     def update_states(self, plan: SchedulerOutput) -> None:
         """Forget finished and preempted requests, apply the plan's block-table diffs: first in a
@@ -90,15 +92,23 @@ class ModelRunner:
                                    self.block_size, self.device, segment_starts)
         self.graphs.capture()
 
-    def execute_model(self, inputs: ModelInputs, hooks: LayerHooks = NO_HOOKS) -> RunnerOutput:
-        """The forward (with `hooks` around each layer) and sampling of prepared inputs."""
+    def execute_model(self, inputs: ModelInputs, hooks: LayerHooks = NO_HOOKS) -> DeviceSample | None:
+        """The forward (with `hooks` around each layer) and the draw of prepared inputs; the
+        tokens stay on the device (their copy to the host under way). None: nothing samples."""
         inputs.meta.hooks = hooks
         self.num_computed_tokens += inputs.input_ids.shape[0]
         logits = self._logits(inputs)
         if logits is None:
-            return RunnerOutput({})
-        sampled = self.sampler(logits, inputs.sample_items)
-        return RunnerOutput({item.request_id: s for item, s in zip(inputs.sample_items, sampled)})
+            return None
+        last_token_ids = inputs.input_ids[inputs.logits_indices]  # (S,) seen by a repetition penalty
+        sample = self.sampler.sample(logits, inputs.sample_items, last_token_ids)
+        # the next step's placeholders (async scheduling) read these rows
+        self._sampled = ({item.request_id: i for i, item in enumerate(inputs.sample_items)}, sample.token_ids)
+        return sample
+
+    def forget_sampled(self) -> None:
+        """Steps after a failed one are planned again without placeholders."""
+        self._sampled = ({}, None)
 
     def _logits(self, inputs: ModelInputs) -> torch.Tensor | None:
         """(S, vocab) fp32 for the sequences that sample. Decode steps, and short prefills seen as
@@ -134,11 +144,15 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         input_ids = np.fromiter((t for s in scheduled for t in s.token_ids), np.int64, int(starts[-1]))
         sample = [i for i, s in enumerate(scheduled) if s.sample]
-        arrays = [input_ids, positions, slots, tables, seq_lens, starts, starts[1:][sample] - 1]
+        fill = self._placeholders(scheduled, starts)
+        arrays = [input_ids, positions, slots, tables, seq_lens, starts, starts[1:][sample] - 1, *fill]
         per_token = self._per_token_view(query_lens, seq_lens)
         if per_token:
             arrays += [tables[seq_of_token], positions + 1, np.arange(starts[-1] + 1)]
         ids_d, pos_d, slots_d, tables_d, seq_lens_d, starts_d, logits_d, *view = self._to_device(arrays)
+        if fill:  # placeholder ids from the last step's draw, device to device
+            (fill_at, fill_from), view = view[:2], view[2:]
+            ids_d[fill_at] = self._sampled[1][fill_from]
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables_d, seq_lens=seq_lens_d, query_start_loc=starts_d,
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
@@ -146,6 +160,18 @@ class ModelRunner:
         if per_token:
             meta.per_token = AttentionMetadata(slots_d, view[0], view[1], view[2], 1, meta.max_seq_len)
         return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample])
+
+    def _placeholders(self, scheduled: list[ScheduledRequest], starts: np.ndarray) -> list[np.ndarray]:
+        """[token indices, rows of the last draw] of the step's placeholder ids (async scheduling:
+        each is a request's last token, sampled by the step before); [] when there are none."""
+        rows, last_draw = self._sampled
+        at = [i for i, s in enumerate(scheduled) if s.token_ids and s.token_ids[-1] == PLACEHOLDER_TOKEN_ID]
+        if not at:
+            return []
+        missing = [scheduled[i].request_id for i in at if scheduled[i].request_id not in rows]
+        if missing or last_draw is None:
+            raise RuntimeError(f"placeholder tokens of {missing} but the last step drew none for them")
+        return [starts[1:][at] - 1, np.array([rows[scheduled[i].request_id] for i in at], np.int64)]
 
     def _per_token_view(self, query_lens: np.ndarray, seq_lens: np.ndarray) -> bool:
         """Short prefills over long contexts attend faster as one decode per token (Triton only);

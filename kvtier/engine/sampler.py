@@ -1,112 +1,353 @@
-"""Sampling from a batch of logits, each row with its own SamplingParams.
+"""Sampling from a batch of logits, each row with its own SamplingParams, with no Python loop over rows.
 
-Order, as in vLLM: repetition penalty -> min_tokens masking -> (greedy argmax) or
-temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw model
-distribution (log_softmax of the unprocessed logits).
+Order, as in vLLM: repetition penalty -> min_tokens masking -> greedy rows: argmax; the others:
+/ temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the raw model distribution
+(log_softmax of the unprocessed logits).
 
-A seeded request draws from its own torch.Generator, so its tokens do not depend on what else
-is in the batch. Draws use the exponential-race trick (argmax p / E, E ~ Exp(1)), which equals
-sampling from p without a host sync.
+Every option is one tensor op over the batch, fed by per-row parameter tensors: the host packs
+whatever the step's rows use (temperatures, k, p, seeds, the (row, token) pairs to penalize or
+ban) into one int64 buffer and copies it to the device once. Work no row asked for is skipped:
+an all-greedy batch is one argmax, no top_p below 1 means no sort.
+
+Draws use the exponential race (argmax p / E, E = -log(u) ~ Exp(1)), which samples from p with
+no host sync. Unseeded rows take u from one batch-wide torch.Generator. A seeded row's u is a hash
+of (seed, num_output_tokens, token id) computed with int64 ops on the device
+(`seeded_exponentials`): a per-request generator would make a row's tokens depend on every draw
+made before (a retried or resumed step would shift them) and is state to keep and drop; a
+counter-based hash gives the same draw whatever else is in the batch, at whatever row, whenever
+the step runs, on the CPU or a GPU. (The top-p sort is stable for the same reason: tied tokens
+are cut by token id, not by how the device sorted this batch.)
+
+`Sampler.sample` does all device work and starts one device-to-host copy of everything the host
+needs (token ids, and logprob data when asked) without waiting for it; `DeviceSample.to_host`
+waits and builds the SampledTokens. An asynchronous scheduler can feed `DeviceSample.token_ids`
+(on the device) to the next step before the copy lands.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from kvtier.scheduler.output import SampledToken, ScheduledRequest
 
+# splitmix64 (Steele, Lea, Flood 2014) as signed int64: torch has no uint64 arithmetic, but int64
+# addition and multiplication wrap mod 2**64 exactly like uint64's; only right shifts differ.
+_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+_UNIFORM_BITS = 52  # a float64 holds (k + 0.5) / 2**52 exactly: a uniform in (0, 1), never 0 or 1
+
+
+@dataclasses.dataclass
+class HostLogprobs:
+    """The logprob data of the rows that asked for it, on the host (R = len(rows))."""
+
+    rows: list[int]  # batch rows, in order
+    chosen: np.ndarray  # (R,) logprob of the drawn token
+    rank: np.ndarray  # (R,) 1 + the number of tokens with a strictly larger logprob
+    top_ids: np.ndarray  # (R, K) K = the largest `logprobs` in the batch; row i reads its first k
+    top_values: np.ndarray  # (R, K)
+
+    @classmethod
+    def unpack(cls, flat: np.ndarray, rows: list[int], k: int) -> HostLogprobs:
+        """flat int64, as `_logprobs` packs it: rank (R), top ids (R*K), then float64 bits."""
+        r = len(rows)
+        floats = flat[r + r * k:].view(np.float64)
+        return cls(rows, floats[:r], flat[:r], flat[r:r + r * k].reshape(r, k), floats[r:].reshape(r, k))
+
+
+@dataclasses.dataclass
+class DeviceSample:
+    """A step's draw, on the device, with its copy to the host under way."""
+
+    token_ids: torch.Tensor  # (N,) int64 on the device: the next step's input ids
+    items: list[ScheduledRequest]
+    host: torch.Tensor  # (N + logprob data,) int64: pinned on CUDA, filled once `event` completes
+    event: torch.cuda.Event | None  # None on the CPU: `host` is ready
+    logprob_rows: list[int]
+    max_logprobs: int
+    finish: Callable[[HostLogprobs | None, list[int], list[ScheduledRequest]], list[SampledToken]]
+
+    def to_host(self) -> list[SampledToken]:
+        """Wait for the copy; one SampledToken per item."""
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.host.numpy()
+        num_rows = len(self.items)
+        token_ids = flat[:num_rows].tolist()
+        logprobs = (HostLogprobs.unpack(flat[num_rows:], self.logprob_rows, self.max_logprobs)
+                    if self.logprob_rows else None)
+        return self.finish(logprobs, token_ids, self.items)
+
+
+@dataclasses.dataclass
+class _HostRows:
+    """What the step's rows ask for. `arrays` holds only what some row uses (a name's absence
+    skips that work), each array (N,) per row or flat per (row, token id) pair."""
+
+    arrays: dict[str, np.ndarray]
+    num_greedy: int
+    num_seeded: int  # rows that draw with a seed
+    max_top_k: int  # 0: every row keeps the whole vocabulary
+    logprob_rows: list[int]
+    max_logprobs: int
+
 
 class Sampler:
+    """Holds no per-request state: a row's draw depends on its item alone, and on the default
+    generator's stream for unseeded rows."""
+
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
-        self.generators: dict[str, torch.Generator] = {}
-        self.default_generator = torch.Generator(device=device)
+        self.default_generator = torch.Generator(device=device)  # the noise of unseeded rows
         self.default_generator.manual_seed(seed)
-
-    def drop(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.generators.pop(request_id, None)
-
-    def _generator(self, item: ScheduledRequest) -> torch.Generator:
-        if item.params.seed is None:
-            return self.default_generator
-        gen = self.generators.get(item.request_id)
-        if gen is None:
-            gen = self.generators[item.request_id] = torch.Generator(device=self.device)
-            gen.manual_seed(item.params.seed)
-        return gen
 
     def __call__(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[SampledToken]:
         """logits (N, V) fp32, one row per item -> one SampledToken per item."""
-        raw = logits
-        if any(_needs_penalty(item) for item in items):
-            logits = self._penalize(logits.clone(), items)
-        if all(item.params.greedy for item in items):
-            tokens = logits.argmax(dim=-1)
+        return self.sample(logits, items).to_host()
+
+    def sample(self, logits: torch.Tensor, items: list[ScheduledRequest],
+               last_token_ids: torch.Tensor | None = None) -> DeviceSample:
+        """logits (N, V) fp32, one row per item -> the drawn tokens on the device, their copy to
+        the host started; the host does not wait for the device.
+
+        last_token_ids (N,) on the device: each row's last input token, which a repetition penalty
+        also counts as seen (under async scheduling the host has not seen it yet)."""
+        rows = _host_rows(items, logits.shape[-1])
+        dev = _to_device(rows.arrays, self.device)
+        processed = _penalize(logits, dev, last_token_ids)
+        if rows.num_greedy == len(items):
+            token_ids = processed.argmax(dim=-1)
         else:
-            tokens = torch.stack([self._draw(logits[i], item) for i, item in enumerate(items)])
-        token_ids = tokens.tolist()  # the one host sync of the step
-        return self._with_logprobs(raw, token_ids, items)
+            token_ids = self._draw(processed, dev, rows)
+        pieces = [token_ids]
+        if rows.logprob_rows:
+            pieces += _logprobs(logits, token_ids, dev.get("logprob_rows"), rows.max_logprobs)
+        host, event = self._copy_to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        return DeviceSample(token_ids, items, host, event, rows.logprob_rows, rows.max_logprobs,
+                            self._with_logprobs)
 
-    def _penalize(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> torch.Tensor:
-        for i, item in enumerate(items):
-            p = item.params
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(item.all_token_ids)), device=logits.device)
-                vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                              vals * p.repetition_penalty)
-            if _below_min_tokens(item):
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(item.eos_token_ids))
-                if banned:
-                    logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
-        return logits
+    def _draw(self, logits: torch.Tensor, dev: dict[str, torch.Tensor], rows: _HostRows) -> torch.Tensor:
+        """(N, V) penalized logits -> (N,) int64 tokens: drawn, or the argmax for greedy rows."""
+        scaled = logits / dev["temperature"][:, None]
+        if rows.max_top_k:
+            scaled = _top_k(scaled, dev["top_k"], rows.max_top_k)
+        probs = torch.softmax(scaled, dim=-1)
+        if "top_p" in dev:
+            probs = _top_p(probs, dev["top_p"])
+        if "min_p" in dev:
+            probs = probs.masked_fill(probs < dev["min_p"][:, None] * probs.amax(-1, keepdim=True), 0.0)
+        drawn = (probs / self._exponentials(probs.shape, dev, rows)).argmax(dim=-1)
+        if rows.num_greedy:
+            return torch.where(dev["greedy"], logits.argmax(dim=-1), drawn)
+        return drawn
 
-    def _draw(self, row: torch.Tensor, item: ScheduledRequest) -> torch.Tensor:
-        p = item.params
-        if p.greedy:
-            return row.argmax()
-        row = row / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            probs = _top_p(probs, p.top_p)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        noise = torch.empty_like(probs).exponential_(generator=self._generator(item))
-        return (probs / noise).argmax()
+    def _exponentials(self, shape: torch.Size, dev: dict[str, torch.Tensor], rows: _HostRows) -> torch.Tensor:
+        """(N, V) Exp(1) noise: the batch generator's, and the seeded rows' own (a hash)."""
+        if rows.num_seeded == shape[0]:
+            return seeded_exponentials(dev["seeds"], dev["steps"], shape[1])
+        # -log(u) rather than exponential_: 5x faster on the CPU, one more elementwise pass on a GPU.
+        # rand may return 0: E = inf then excludes that token from one draw (odds 2**-24 per token).
+        noise = torch.rand(shape, device=self.device, generator=self.default_generator).log_().neg_()
+        if rows.num_seeded:
+            noise[dev["seeded_rows"]] = seeded_exponentials(dev["seeds"], dev["steps"], shape[1])
+        return noise
 
-    def _with_logprobs(self, raw: torch.Tensor, token_ids: list[int],
+    def _copy_to_host(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if packed.device.type != "cuda":
+            return packed.cpu(), None
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _with_logprobs(self, raw: HostLogprobs | None, token_ids: list[int],
                        items: list[ScheduledRequest]) -> list[SampledToken]:
+        """The step's SampledTokens from host data: `raw` is None when no row asked for logprobs."""
         out = [SampledToken(t) for t in token_ids]
-        rows = [i for i, item in enumerate(items) if item.params.logprobs is not None]
-        if not rows:
+        if raw is None:
             return out
-        logprobs = torch.log_softmax(raw[rows], dim=-1)
-        for j, i in enumerate(rows):
-            lp, tok = logprobs[j], token_ids[i]
+        for j, i in enumerate(raw.rows):
             k = items[i].params.logprobs
-            chosen = lp[tok]
-            top = torch.topk(lp, k) if k else None
-            out[i].logprob = chosen.item()
-            out[i].rank = int((lp > chosen).sum().item()) + 1
-            out[i].top_logprobs = (list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+            out[i].logprob, out[i].rank = float(raw.chosen[j]), int(raw.rank[j])
+            out[i].top_logprobs = list(zip(raw.top_ids[j, :k].tolist(), raw.top_values[j, :k].tolist()))
         return out
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+def seeded_exponentials(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds, steps (R,) int64 -> (R, V) fp32 Exp(1) noise, a function of (seed, step, token id) alone.
+
+    splitmix64 three times: the seed's key, the key's step-th output (the row's key), the row key's
+    (token id)-th output (the token's 64 random bits); the top 52 bits make a uniform u in (0, 1)."""
+    seed_keys = _mix64(seeds + _GAMMA)  # (R,)
+    row_keys = _mix64(seed_keys + (steps + 1) * _GAMMA)  # (R,)
+    counters = (torch.arange(vocab_size, device=seeds.device) + 1) * _GAMMA  # (V,)
+    bits = _mix64(row_keys[:, None] + counters)  # (R, V)
+    uniform = (_shift_right(bits, 64 - _UNIFORM_BITS).double() + 0.5) * 2.0 ** -_UNIFORM_BITS
+    return uniform.log().neg().float()
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 (wrapping) tensors."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64: torch's >> is arithmetic (copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _penalize(logits: torch.Tensor, dev: dict[str, torch.Tensor],
+              last_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition penalty, then min_tokens bans, on (row, token id) pairs; a new tensor when any
+    applies (logprobs read the raw logits). A pair listed twice writes the same value twice."""
+    if "penalty_rows" not in dev and "ban_rows" not in dev:
+        return logits
+    logits = logits.clone()
+    if "penalty_rows" in dev:
+        rows, token_ids, penalty = dev["penalty_rows"], dev["penalty_token_ids"], dev["penalty"]
+        if last_token_ids is not None:  # each penalized row's last input token, from the device
+            last_rows = dev["penalty_last_rows"]
+            rows, token_ids = torch.cat([rows, last_rows]), torch.cat([token_ids, last_token_ids[last_rows]])
+            penalty = torch.cat([penalty, dev["penalty_last"]])
+        pairs = (rows, token_ids)
+        seen = logits[pairs]
+        logits[pairs] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    if "ban_rows" in dev:
+        # a device-made value: assigning a Python float copies it from the host, a sync
+        logits.index_put_((dev["ban_rows"], dev["ban_token_ids"]), logits.new_full((), float("-inf")))
+    return logits
+
+
+def _top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep each row's top_k largest logits (ties with the k-th kept); top_k 0 keeps the row.
+    One topk with the batch's largest k, each row's threshold gathered at its k - 1."""
+    kth = logits.topk(max_top_k, dim=-1).values.gather(-1, (top_k - 1).clamp(min=0)[:, None])  # (N, 1)
+    kth = kth.masked_fill(top_k[:, None] == 0, float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one). Every
+    row is sorted: rows without top-p have top_p = inf, which masks nothing. The sort is stable:
+    which of tied tokens (common in logits from bf16) make the cut is then by token id, not by
+    the device or the batch's shape."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _below_min_tokens(item: ScheduledRequest) -> bool:
-    return item.num_output_tokens < item.params.min_tokens
+def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor | None, k: int) -> list[torch.Tensor]:
+    """The asking rows' (all rows when `rows` is None) logprob data, flat int64 to pack with the
+    token ids: rank (R), top ids (R*K), then float64 bits: chosen (R), top values (R*K)."""
+    if rows is not None:
+        raw, token_ids = raw[rows], token_ids[rows]
+    logprobs = torch.log_softmax(raw, dim=-1)  # (R, V)
+    chosen = logprobs.gather(-1, token_ids[:, None])  # (R, 1)
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    top = logprobs.topk(k, dim=-1)  # (R, K); K = 0 is an empty topk
+    floats = [t.double().view(torch.int64).flatten() for t in (chosen, top.values)]  # by their bits
+    return [rank, top.indices.flatten(), *floats]
 
 
-def _needs_penalty(item: ScheduledRequest) -> bool:
-    return item.params.repetition_penalty != 1.0 or _below_min_tokens(item)
+def _host_rows(items: list[ScheduledRequest], vocab_size: int) -> _HostRows:
+    """One pass sorts the rows by what they ask for; then arrays for what some row asked."""
+    sampling, penalized, below_min_tokens, logprob_rows = [], [], [], []
+    for i, item in enumerate(items):
+        p = item.params
+        if not p.greedy:
+            sampling.append(i)
+        if p.repetition_penalty != 1.0:
+            penalized.append(i)
+        if item.num_output_tokens < p.min_tokens:
+            below_min_tokens.append(i)
+        if p.logprobs is not None:
+            logprob_rows.append(i)
+    arrays = {**_penalty_arrays(items, penalized), **_ban_arrays(items, below_min_tokens)}
+    if sampling:
+        arrays |= _sampling_arrays(items, sampling, vocab_size)
+    if 0 < len(logprob_rows) < len(items):
+        arrays["logprob_rows"] = np.array(logprob_rows, np.int64)
+    max_top_k = int(arrays["top_k"].max()) if "top_k" in arrays else 0
+    max_logprobs = max((items[i].params.logprobs for i in logprob_rows), default=0)
+    return _HostRows(arrays, len(items) - len(sampling), len(arrays.get("seeds", ())), max_top_k,
+                     logprob_rows, max_logprobs)
+
+
+def _sampling_arrays(items: list[ScheduledRequest], sampling: list[int], vocab_size: int) -> dict[str, np.ndarray]:
+    """Per-row temperature, top-k, top-p, min-p, seeds of the rows that draw (`sampling`); the
+    greedy rows get neutral values."""
+    params = [item.params for item in items]
+    greedy = np.ones(len(items), bool)
+    greedy[sampling] = False
+    top_k = np.array([p.top_k if 0 < p.top_k < vocab_size else 0 for p in params], np.int64)
+    top_p = np.array([p.top_p for p in params])
+    min_p = np.array([p.min_p for p in params])
+    arrays = {"temperature": np.where(greedy, 1.0, [p.temperature for p in params])}
+    if greedy.any():
+        arrays["greedy"] = greedy
+    if top_k.any():
+        arrays["top_k"] = top_k
+    if (top_p < 1).any():
+        arrays["top_p"] = np.where(top_p < 1, top_p, np.inf)
+    if min_p.any():
+        arrays["min_p"] = min_p
+    seeded = [i for i in sampling if params[i].seed is not None]
+    if seeded:
+        if len(seeded) < len(items):
+            arrays["seeded_rows"] = np.array(seeded, np.int64)
+        arrays["seeds"] = np.array([params[i].seed for i in seeded], np.int64)
+        arrays["steps"] = np.array([items[i].num_output_tokens for i in seeded], np.int64)
+    return arrays
+
+
+def _penalty_arrays(items: list[ScheduledRequest], rows: list[int]) -> dict[str, np.ndarray]:
+    """(row, token id) pairs of every token a penalized row has seen, with the row's penalty."""
+    if not rows:
+        return {}
+    seen = [np.asarray(items[i].all_token_ids, np.int64) for i in rows]
+    counts = [len(s) for s in seen]
+    return {"penalty_rows": np.repeat(np.array(rows, np.int64), counts),
+            "penalty_token_ids": np.concatenate(seen),
+            "penalty": np.repeat([items[i].params.repetition_penalty for i in rows], counts).astype(np.float64),
+            "penalty_last_rows": np.array(rows, np.int64),
+            "penalty_last": np.array([items[i].params.repetition_penalty for i in rows], np.float64)}
+
+
+def _ban_arrays(items: list[ScheduledRequest], rows: list[int]) -> dict[str, np.ndarray]:
+    """(row, token id) pairs that rows below their min_tokens may not draw: stops, and EOS
+    unless ignore_eos."""
+    banned = {i: [*items[i].params.stop_token_ids, *(() if items[i].params.ignore_eos else items[i].eos_token_ids)]
+              for i in rows}
+    banned = {i: ids for i, ids in banned.items() if ids}
+    if not banned:
+        return {}
+    return {"ban_rows": np.repeat(np.array(list(banned), np.int64), [len(ids) for ids in banned.values()]),
+            "ban_token_ids": np.array([t for ids in banned.values() for t in ids], np.int64)}
+
+
+def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """One host-to-device copy of every array: packed into one int64 buffer (a float64 by its
+    bits, a bool as 0/1), pinned on CUDA, then viewed back on the device (floats as fp32)."""
+    if not arrays:
+        return {}
+    flat = np.concatenate([a.astype(np.int64) if a.dtype == bool else a.view(np.int64) for a in arrays.values()])
+    host = torch.from_numpy(flat)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    packed = host.to(device, non_blocking=True)
+    out, start = {}, 0
+    for name, a in arrays.items():
+        view = packed[start:start + a.size]
+        start += a.size
+        out[name] = (view.view(torch.float64).float() if a.dtype == np.float64
+                     else view.bool() if a.dtype == bool else view)
+    return out

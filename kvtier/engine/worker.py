@@ -13,9 +13,15 @@ One step:
     transfers.begin_step(plan.transfers) -> pipeline   BEFORE moves issued
     runner.execute_model(inputs, pipeline.hooks)       the forward waits / issues per layer
     pipeline.finish()                 the rest waited for; AFTER moves issued (also on failure)
+
+`execute_async` returns once the step is issued: its tokens stay on the device, where the next
+step's placeholder ids read them (async scheduling), and `StepFuture.result()` brings them to the
+host. `execute` is the two at once.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -23,10 +29,27 @@ from torch import nn
 from kvtier.cache.storage import Tier
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.sampler import DeviceSample
 from kvtier.engine.transfer_engine import TransferEngine, transfer_stats
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import NO_HOOKS
 from kvtier.scheduler.output import RunnerOutput, SchedulerOutput
+
+
+@dataclasses.dataclass
+class StepFuture:
+    """A step issued to the device; `result()` waits for its sampled tokens' copy to the host."""
+    sample: DeviceSample | None  # None: no request samples this step
+    # when the step's device work began and ended (Worker.time_steps, on a GPU): benchmarks read
+    # the gaps between steps, the host time the device waited for
+    device_start: torch.cuda.Event | None = None
+    device_end: torch.cuda.Event | None = None
+
+    def result(self) -> RunnerOutput:
+        if self.sample is None:
+            return RunnerOutput({})
+        tokens = self.sample.to_host()
+        return RunnerOutput({item.request_id: token for item, token in zip(self.sample.items, tokens)})
 
 
 class Worker:
@@ -35,9 +58,16 @@ class Worker:
         self.kv = kv
         self.runner = ModelRunner(model, cfg, kv, device, seed, attention_backend)
         self.transfers = TransferEngine(kv) if kv.has_cpu_tier else None  # None: no CPU tier
+        self.time_steps = False  # record device events around each step (the engine's step log)
+
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(plan).result()
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+    def execute_async(self, plan: SchedulerOutput) -> StepFuture:
+        """Issue the step; its sampled ids stay on the device (the next step's placeholders read
+        them) and reach the host through `StepFuture.result()`."""
+        start = self._event()
         self.runner.update_states(plan)
         # the step's inputs cross to the device before its loads: one copy engine serves a direction
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
@@ -45,11 +75,24 @@ class Worker:
         pipeline = self.transfers.begin_step(plan.transfers) if self.transfers is not None else None
         try:
             if inputs is None:
-                return RunnerOutput({})
-            return self.runner.execute_model(inputs, pipeline.hooks if pipeline is not None else NO_HOOKS)
+                return StepFuture(None)
+            sample = self.runner.execute_model(inputs, pipeline.hooks if pipeline is not None else NO_HOOKS)
+            return StepFuture(sample, start, self._event())
         finally:  # also when the forward or the sampler raised: the step's copies still complete
             if pipeline is not None:
                 pipeline.finish()
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A timing event recorded now on the compute stream, when steps are timed on a GPU."""
+        if not self.time_steps or self.kv.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record()
+        return event
+
+    def forget_sampled(self) -> None:
+        """After a failed step: the next plans carry no placeholder for what was drawn before."""
+        self.runner.forget_sampled()
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """One graph segment per layer group that CPU-tier loads may arrive by."""

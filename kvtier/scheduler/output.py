@@ -7,6 +7,10 @@ import dataclasses
 from kvtier.cache.transfers import TransferPlan
 from kvtier.sampling_params import SamplingParams
 
+# A token id the host does not know yet (async scheduling): the runner reads it from the previous
+# step's sampled ids on the device.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclasses.dataclass
 class ScheduledRequest:
@@ -14,7 +18,7 @@ class ScheduledRequest:
     a plan can be pickled, sent to another process or kept past the step."""
 
     request_id: str
-    token_ids: list[int]  # the tokens computed this step (a copy)
+    token_ids: list[int]  # the tokens computed this step (a copy; the last may be PLACEHOLDER_TOKEN_ID)
     start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
     new_block_ids: tuple[int, ...]  # block ids appended to the request's table since the last plan
     sample: bool  # this chunk reaches the request's last token: sample the next one
@@ -26,7 +30,7 @@ class ScheduledRequest:
     eos_token_ids: tuple[int, ...] = ()
     # new_block_ids is the whole table (first plan, or a resume after preemption): drop the old one
     reset_block_table: bool = True
-    num_output_tokens: int = 0  # tokens sampled so far (min_tokens)
+    num_output_tokens: int = 0  # tokens sampled so far, pending ones included (min_tokens, seeded draws)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,20 @@ different requests share a step. When blocks run out, the most recently admitted
 request is preempted and resumes first: swapped to the CPU tier when the cache manager's cost
 model says reloading beats recomputing (and there is room), otherwise freed and recomputed.
 Each plan carries the step's KV copies between tiers (`SchedulerOutput.transfers`).
+
+Asynchronous scheduling (`SchedulerConfig.async_scheduling`): the plan of step N+1 is made while
+step N runs, before its sampled tokens reach the host. Scheduling then advances each request's
+`num_computed_tokens` at once and counts the token it will sample as pending
+(`Request.num_pending_outputs`); the next plan computes that token's position with a placeholder
+id that the runner fills from the device (PLACEHOLDER_TOKEN_ID). `update_from_output` later
+appends the token and applies the stop conditions one step late; a token sampled after its
+request stopped is dropped. A request whose pending tokens already reach max_tokens or
+max_model_len is not scheduled again until they arrive.
+
+    step:         N              N+1            N+2
+    schedule      plan N         plan N+1       plan N+2        (host)
+    device        ...            run N          run N+1          (reads N's sampled ids)
+    host learns                  tokens of N-1  tokens of N
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import time
 
 from kvtier.cache.kv_cache_manager import KVCacheManager, PrefixHit
 from kvtier.request import Request, RequestStatus
-from kvtier.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvtier.scheduler.output import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +39,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    async_scheduling: bool = False
 
 
 class Scheduler:
@@ -85,6 +100,10 @@ class Scheduler:
                               [r.request_id for r in preempted], self._finished_ids,
                               self.kv_cache.take_transfers(self.num_steps))
         self._finished_ids = []
+        if self.config.async_scheduling:
+            for request, item in zip((r for r, _ in scheduled), out.scheduled):
+                request.num_computed_tokens += len(item.token_ids)
+                request.num_pending_outputs += item.sample
         self.num_steps += 1
         return out
 
@@ -96,7 +115,10 @@ class Scheduler:
             if only is not None and request.request_id not in only:
                 i += 1
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(self._num_uncomputed(request), budget)
+            if num_new <= 0:  # its pending tokens reach a limit: wait for them
+                i += 1
+                continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -107,6 +129,15 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _num_uncomputed(self, request: Request) -> int:
+        """Tokens to compute, pending ones included; 0 when the pending tokens already reach
+        max_tokens or max_model_len (the next one would be dropped)."""
+        pending = request.num_pending_outputs
+        if pending and (request.num_output_tokens + pending >= (request.params.max_tokens or float("inf"))
+                        or request.num_tokens + pending >= self.config.max_model_len):
+            return 0
+        return request.num_tokens + pending - request.num_computed_tokens
 
     def _preempt(self, request: Request) -> None:
         if not self.kv_cache.swap_out(request):
@@ -161,26 +192,35 @@ class Scheduler:
         sent = self._num_sent_blocks.get(request.request_id)
         self._num_sent_blocks[request.request_id] = len(table)
         params = request.params
+        token_ids = request.all_token_ids[start:start + num_new]
+        token_ids += [PLACEHOLDER_TOKEN_ID] * (num_new - len(token_ids))  # sampled, not seen yet
         return ScheduledRequest(
-            request_id=request.request_id, token_ids=request.all_token_ids[start:start + num_new],
+            request_id=request.request_id, token_ids=token_ids,
             start_pos=start, new_block_ids=tuple(table[sent or 0:]),
-            sample=start + num_new == request.num_tokens, params=params,
+            sample=start + num_new == request.num_tokens + request.num_pending_outputs, params=params,
             all_token_ids=tuple(request.all_token_ids) if params.repetition_penalty != 1.0 else (),
             num_prompt_tokens=request.num_prompt_tokens, eos_token_ids=request.eos_token_ids,
-            reset_block_table=sent is None, num_output_tokens=request.num_output_tokens)
+            reset_block_table=sent is None,
+            num_output_tokens=request.num_output_tokens + request.num_pending_outputs)
 
     # -- results ------------------------------------------------------------------------------
 
     def update_from_output(self, plan: SchedulerOutput, output: RunnerOutput) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
+        """Advance computed tokens (unless scheduling did: async), append sampled tokens, finish
+        requests that hit a stop.
 
         Returns the requests that received a token this step."""
         updated = []
         for item in plan.scheduled:
             request = self.requests.get(item.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # finished or preempted meanwhile
-            request.num_computed_tokens += len(item.token_ids)
+            if request is None or request.status.finished:
+                continue  # finished meanwhile: a token sampled past its stop is dropped
+            if not self.config.async_scheduling:
+                if request.status != RequestStatus.RUNNING:
+                    continue  # preempted meanwhile
+                request.num_computed_tokens += len(item.token_ids)
+            elif item.sample:
+                request.num_pending_outputs -= 1  # also when preempted since: its token stands
             sampled = output.sampled.get(item.request_id)
             if sampled is None:
                 continue
@@ -190,6 +230,19 @@ class Scheduler:
             updated.append(request)
             self._check_stop(request)
         return updated
+
+    def rollback(self, plan: SchedulerOutput) -> None:
+        """Async scheduling: undo what scheduling a plan advanced, for a step whose results will
+        never come (it failed, or one before it did); the tokens are computed again."""
+        if not self.config.async_scheduling:
+            return  # nothing advanced before the results
+        for item in plan.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.status.finished:
+                continue
+            request.num_pending_outputs -= item.sample
+            if request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens = min(request.num_computed_tokens, item.start_pos)
 
     def _check_stop(self, request: Request) -> None:
         params, token = request.params, request.output_token_ids[-1]
@@ -203,6 +256,4 @@ class Scheduler:
                                or request.num_tokens >= self.config.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
-            self.running.remove(request)
-            request.finish(status, reason)
-            self._release(request)
+            self.finish_requests([request.request_id], status, reason)

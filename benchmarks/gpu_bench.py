@@ -73,7 +73,7 @@ def main() -> None:
             json.dump(res, f, indent=2, default=str)
         rows.append(res)
         print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction", "prefill_mfu",
-                                                   "output_tok_s", "e2e_roofline_fraction", "host_ms_per_step",
+                                                   "output_tok_s", "e2e_roofline_fraction", "host_ms_per_step", "device_ms_per_step",
                                                    "speedup_vs_hf")}), flush=True)
     print(f"\nasync scheduling: {llm.engine.async_scheduling}")
     print(f"{'scenario':<18} batch    in   out  temp  top_p  step_ms  roofline_ms  roofline_frac  host_ms  "

@@ -7,7 +7,8 @@ device copy bandwidth; `roofline_fraction` = roofline / measured (1.0 is the lim
 The engine's own bound on the whole run: each step at the slower of its roofline (memory) and its
 FLOPs at the measured matmul rate, summed; `e2e_roofline_fraction` = that sum / the elapsed time
 (= output tokens/s over the bound's). `host_ms_per_step`: the median gap on the device between one
-decode step's end and the next one's start (CUDA events, no sync): host time the GPU waited for.
+decode step's end and the next one's start (CUDA events, no sync): host time the GPU waited for;
+`device_ms_per_step`: the median span of a decode step's forward and draw on the device.
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def bound_stats(llm: LLM, seconds: float, steps: list[StepRecord], rates: Device
             if a.decode_only and b.decode_only and a.device_end is not None and b.device_start is not None]
     if gaps:
         out["host_ms_per_step"] = statistics.median(gaps)
+    busy = [s.device_start.elapsed_time(s.device_end) for s in steps
+            if s.decode_only and s.device_start is not None and s.device_end is not None]
+    if busy:  # the forward and the draw of a decode step, on the device
+        out["device_ms_per_step"] = statistics.median(busy)
     return out
 
 

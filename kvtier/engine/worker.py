@@ -67,7 +67,6 @@ class Worker:
     def execute_async(self, plan: SchedulerOutput) -> StepFuture:
         """Issue the step; its sampled ids stay on the device (the next step's placeholders read
         them) and reach the host through `StepFuture.result()`."""
-        start = self._event()
         self.runner.update_states(plan)
         # the step's inputs cross to the device before its loads: one copy engine serves a direction
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
@@ -76,6 +75,7 @@ class Worker:
         try:
             if inputs is None:
                 return StepFuture(None)
+            start = self._event()  # after the inputs: a gap before it is the device waiting for the host
             sample = self.runner.execute_model(inputs, pipeline.hooks if pipeline is not None else NO_HOOKS)
             return StepFuture(sample, start, self._event())
         finally:  # also when the forward or the sampler raised: the step's copies still complete

@@ -1,0 +1,96 @@
+"""Pie's adaptive expansion: how much of the running requests' KV may live in a far tier without
+slowing the decode step, predicted from measured rates and followed online.
+
+Decoding reads the layers in order, so layer i + d's far KV can cross the link while layer i
+computes. The step stays as fast as with everything on the GPU as long as the far bytes of a step
+cross the link in less time than the step computes. With f the far fraction of the batch's KV:
+
+    transparent  <=>  f * kv_bytes / link  <=  t_step(1 - f)
+
+where t_step(g) is the step time with the share g of the KV on the GPU. `transparent_fraction`
+solves it for the roofline step time t_step(g) = (weight_bytes + g * kv_bytes) / device_bw:
+
+    f* = (weight_bytes + kv_bytes) * link / (kv_bytes * (device_bw + link))
+
+(Llama-3-8B, batch 64 x 2048: 16.1 GB of weights, 17.2 GB of KV, 4.2 TB/s, 54 GB/s over PCIe ->
+f* = 2.5%; 394 GB/s over NVLink -> 17%.)
+
+The model misses what the hardware does under load (a burst of prefix reloads takes the link, the
+device's own rate varies), so `ExpansionController` follows the largest transparent fraction
+online from measured step times: it grows the share while the step stays within `epsilon` of the
+reference (the step with nothing far) and cuts it multiplicatively when it does not:
+
+    fraction
+       ^        probe: doubling     steady: + alpha per good step, cut on a slow step
+       |                  /\\         /|  /|  /|
+       |                 /  \\___/|  / | / | / |      the cut goes to about where the measured
+       |              __/        |_/  |/  |/  |/      slowdown says the knee is, at most x decrease
+       |___________/
+       +--------------------------------------------> steps
+
+Everything here is torch-free: it takes seconds and bytes and gives fractions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def transparent_fraction(weight_bytes: float, kv_bytes: float, device_bytes_per_s: float,
+                         link_bytes_per_s: float) -> float:
+    """The largest far fraction f with f * kv / link <= (weights + (1 - f) * kv) / device_bw, in [0, 1]."""
+    if kv_bytes <= 0:
+        return 0.0
+    if min(weight_bytes, device_bytes_per_s, link_bytes_per_s) < 0 or device_bytes_per_s == 0:
+        raise ValueError("bytes and rates must be positive")
+    f = (weight_bytes + kv_bytes) * link_bytes_per_s / (kv_bytes * (device_bytes_per_s + link_bytes_per_s))
+    return min(1.0, f)
+
+
+@dataclasses.dataclass
+class ExpansionController:
+    """The far fraction, step by step (`update` after each measured decode step).
+
+    probe: from `min_step`, the fraction doubles after every step within epsilon, until the
+    first slow step. steady: it grows by `alpha` per good step (alpha = `growth` x the fraction
+    at the last cut, so re-converging after the knee doubles takes about 1 / growth steps) and is
+    cut after `patience` slow steps in a row, or at once when the slowdown exceeds 3 x epsilon
+    (the workload changed): to fraction x min(decrease, (1 + epsilon / 2) / (1 + slowdown)), the
+    second term being where a step time linear in the fraction past the knee puts it."""
+
+    epsilon: float = 0.03  # allowed slowdown over the reference step
+    min_step: float = 0.0002  # the first fraction tried, and the smallest alpha
+    growth: float = 0.03
+    decrease: float = 0.95
+    patience: int = 2
+    max_fraction: float = 0.9
+    fraction: float = 0.0
+    probing: bool = True
+    alpha: float = 0.0
+    _slow_steps: int = 0
+
+    def update(self, step_seconds: float, reference_seconds: float) -> float:
+        """The fraction for the next step, given this step's time and the reference's."""
+        if reference_seconds <= 0:
+            raise ValueError(f"reference step time must be positive, got {reference_seconds}")
+        slowdown = step_seconds / reference_seconds - 1.0
+        if slowdown > self.epsilon:
+            self._slow_steps += 1
+            if self._slow_steps >= self.patience or slowdown > 3 * self.epsilon:
+                self._cut(slowdown)
+        else:
+            self._slow_steps = 0
+            self._grow()
+        self.fraction = min(max(self.fraction, 0.0), self.max_fraction)
+        return self.fraction
+
+    def _grow(self) -> None:
+        if self.probing:
+            self.fraction = max(2 * self.fraction, self.min_step)
+        else:
+            self.fraction += self.alpha
+
+    def _cut(self, slowdown: float) -> None:
+        self.fraction *= min(self.decrease, (1 + self.epsilon / 2) / (1 + slowdown))
+        self.alpha = max(self.min_step, self.growth * self.fraction)
+        self.probing, self._slow_steps = False, 0

@@ -46,7 +46,10 @@ def run_waves(path, prompt_waves, new_tokens: int = NEW_TOKENS, **engine_args):
     Preemptions always swap (when the CPU pool has room): on a GPU the measured rates make a tiny
     model cheaper to recompute, and the swap path is what this exercises (the cost model's choice
     is tested on its own)."""
-    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", **{**TIGHT, **engine_args})
+    # synchronous: the share of steps that move KV is what this workload was sized for (async
+    # scheduling moves the same blocks in fewer steps; tests/test_async_scheduling.py covers the tier there)
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", async_scheduling=False,
+              **{**TIGHT, **engine_args})
     engine, moved_steps, steps, outs = llm.engine, 0, 0, {}
     engine.kv_cache.swap_policy = ALWAYS_SWAP
     execute = engine.worker.execute_async

@@ -72,9 +72,9 @@ def main() -> None:
         with open(os.path.join(args.out, f"bench_{name}.json"), "w") as f:
             json.dump(res, f, indent=2, default=str)
         rows.append(res)
-        print(json.dumps({k: res.get(k) for k in ("scenario", "decode_step_ms", "roofline_fraction", "prefill_mfu",
-                                                   "output_tok_s", "e2e_roofline_fraction", "host_ms_per_step", "device_ms_per_step",
-                                                   "speedup_vs_hf")}), flush=True)
+        keys = ("scenario", "decode_step_ms", "roofline_fraction", "prefill_mfu", "output_tok_s",
+                "e2e_roofline_fraction", "host_ms_per_step", "device_ms_per_step", "speedup_vs_hf")
+        print(json.dumps({k: res.get(k) for k in keys}), flush=True)
     print(f"\nasync scheduling: {llm.engine.async_scheduling}")
     print(f"{'scenario':<18} batch    in   out  temp  top_p  step_ms  roofline_ms  roofline_frac  host_ms  "
           "prefill_mfu  out_tok/s  e2e_frac  vs_hf")

@@ -40,7 +40,7 @@ def random_batch(seed: int, num_rows: int = 32) -> tuple[torch.Tensor, list[Sche
     items = [item(random_params(rng), rng.randrange(4), tuple(rng.choices(range(VOCAB), k=rng.randrange(1, 30))),
                   f"r{i}") for i in range(num_rows)]
     logits = torch.randn(num_rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 2
-    logits[0, :] = 0.5  # a row of ties: top-k keeps them all, top-p cuts them by token id
+    logits[0, :] = 0.5  # a row of ties: top-k and top-p keep them all
     logits[1::3, EOS[0]] += 4  # an EOS likely enough that banning it below min_tokens shows
     return logits, items
 
@@ -85,9 +85,9 @@ def reference_probs(row: torch.Tensor, p: SamplingParams, top_p_first: bool = Fa
     def top_p(probs: torch.Tensor) -> torch.Tensor:
         if p.top_p >= 1.0:
             return probs
-        sorted_probs, order = probs.sort(descending=True, stable=True)  # tied tokens: by id
-        kept = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= p.top_p, 0.0)
-        return torch.zeros_like(probs).scatter(-1, order, kept)
+        sorted_probs = probs.sort(descending=True).values
+        last_kept = sorted_probs[sorted_probs.cumsum(-1) - sorted_probs < p.top_p][-1]
+        return probs.masked_fill(probs < last_kept, 0.0)  # and every token tied with the last kept
 
     if top_p_first:
         probs = top_p(torch.softmax(row, -1))

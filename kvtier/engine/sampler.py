@@ -7,7 +7,7 @@ Order, as in vLLM: repetition penalty -> min_tokens masking -> greedy rows: argm
 Every option is one tensor op over the batch, fed by per-row parameter tensors: the host packs
 whatever the step's rows use (temperatures, k, p, seeds, the (row, token) pairs to penalize or
 ban) into one int64 buffer and copies it to the device once. Work no row asked for is skipped:
-an all-greedy batch is one argmax, no top_p below 1 means no sort.
+an all-greedy batch is one argmax, no top_p below 1 means no top-p pass.
 
 Draws use the exponential race (argmax p / E, E = -log(u) ~ Exp(1)), which samples from p with
 no host sync. Unseeded rows take u from one batch-wide torch.Generator. A seeded row's u is a hash
@@ -15,8 +15,8 @@ of (seed, num_output_tokens, token id) computed with int64 ops on the device
 (`seeded_exponentials`): a per-request generator would make a row's tokens depend on every draw
 made before (a retried or resumed step would shift them) and is state to keep and drop; a
 counter-based hash gives the same draw whatever else is in the batch, at whatever row, whenever
-the step runs, on the CPU or a GPU. (The top-p sort is stable for the same reason: tied tokens
-are cut by token id, not by how the device sorted this batch.)
+the step runs, on the CPU or a GPU. (Top-p keeps every token tied with its last kept one for the
+same reason: which of tied tokens make the cut is not left to how a device sorted this batch.)
 
 `Sampler.sample` does all device work and starts one device-to-host copy of everything the host
 needs (token ids, and logprob data when asked) without waiting for it; `DeviceSample.to_host`
@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from kvtier.ops.top_p import precompile as precompile_top_p, top_p_threshold
 from kvtier.scheduler.output import SampledToken, ScheduledRequest
 
 # splitmix64 (Steele, Lea, Flood 2014) as signed int64: torch has no uint64 arithmetic, but int64
@@ -105,6 +106,7 @@ class Sampler:
         self.device = device
         self.default_generator = torch.Generator(device=device)  # the noise of unseeded rows
         self.default_generator.manual_seed(seed)
+        precompile_top_p(device)  # the top-p kernel compiles now, not at the first sampled step
 
     def __call__(self, logits: torch.Tensor, items: list[ScheduledRequest]) -> list[SampledToken]:
         """logits (N, V) fp32, one row per item -> one SampledToken per item."""
@@ -235,14 +237,13 @@ def _top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.T
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one). Every
-    row is sorted: rows without top-p have top_p = inf, which masks nothing. The sort is stable:
-    which of tied tokens (common in logits from bf16) make the cut is then by token id, not by
-    the device or the batch's shape."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    """Keep each row's nucleus: the tokens at least as likely as the last one the sort-based rule
+    keeps (most likely first, while the mass before a token is below top_p). Ties at the boundary
+    are all kept (common in logits from bf16), so the cut does not depend on sort order, device
+    or batch shape (up to fp32 rounding of the masses: kvtier/ops/top_p.py). Rows without top-p
+    have top_p = inf: threshold 0, untouched. A GPU finds the thresholds without sorting; the CPU
+    sorts."""
+    return probs.masked_fill(probs < top_p_threshold(probs, top_p)[:, None], 0.0)
 
 
 def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor | None, k: int) -> list[torch.Tensor]:

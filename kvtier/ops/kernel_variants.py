@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 KERNEL_MODULES = ("kvtier.ops.triton_attention", "kvtier.ops._fused_kernels",
-                  "kvtier.ops._kv_transfer_kernel")
+                  "kvtier.ops._kv_transfer_kernel", "kvtier.ops._top_p_kernel")
 
 
 def compiled_variants() -> dict[str, int] | None:

@@ -372,10 +372,11 @@ async def _load(url: str, prompts: list[list[int]], leavers: set[int]) -> list[l
                                       for i, p in enumerate(prompts)])
 
 
-def test_load_200_streams_with_disconnects(tiny_path, tiny_ref):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_load_200_streams_with_disconnects(tiny_path, tiny_ref, async_scheduling):
     prompts = random_prompts([3 + i % 18 for i in range(200)], seed=21)
     leavers = set(range(0, 200, 5))  # 20% hang up after 3 chunks
-    with serving(tiny_llm(tiny_path)) as server:
+    with serving(tiny_llm(tiny_path, async_scheduling=async_scheduling)) as server:
         results = asyncio.run(_load(server.base_url + "/v1/completions", prompts, leavers))
         m = wait_idle(server)
     ref = tiny_ref.generate(prompts, greedy(16), use_tqdm=False)

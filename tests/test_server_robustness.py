@@ -55,10 +55,11 @@ async def _three_streams_and_a_poisoned_request(url: str, prompts: list[list[int
         return [await s for s in streams], plain, streamed
 
 
-def test_request_failing_inside_a_step_fails_alone(tiny_path, tiny_ref):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_request_failing_inside_a_step_fails_alone(tiny_path, tiny_ref, async_scheduling):
     prompts = random_prompts([9, 14, 20], seed=31)
     want = [o.outputs[0].token_ids for o in tiny_ref.generate(prompts, greedy(24), use_tqdm=False)]
-    llm = tiny_llm(tiny_path)
+    llm = tiny_llm(tiny_path, async_scheduling=async_scheduling)
     inject_in_sampler(llm.engine)
     with serving(llm) as server:
         streams, plain, (_, stream_errors) = asyncio.run(

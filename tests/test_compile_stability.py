@@ -1,6 +1,8 @@
 """No Triton kernel compiles a new variant once the engine has started and warmed up, however the
 steps vary: batch sizes, prompt lengths (1, 17, odd), long contexts, prefix hits, chunked prefills,
-short chunks over long contexts (the per-token decode view), split decodes, the CPU tier.
+short chunks over long contexts (the per-token decode view), split decodes, the CPU tier, sampling
+with top_p (the attention kernels, the fused ops, the block copy and the top-p search are all
+precompiled: ModelRunner, TransferEngine and Sampler at start-up).
 
 A variant compiled mid-serving stalls every request in flight for ~1 s on an H100 (what makes a
 variant: the top of kvtier/ops/triton_attention.py). The counter and the precompile launches are

@@ -7,7 +7,7 @@
 #   transfer  KV block transfer alternatives (UVA kernel, per-row, per-block, staged DMA) and overlap
 #   tier      the engine's CPU tier: reload/store rates, overlap with a forward, TTFT of a CPU hit
 #   multiturn multi-turn conversations with the CPU tier on and off
-#   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512
+#   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512, and sampled
 # SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
@@ -51,6 +51,8 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
     echo "== decode steps kernel by kernel"
     python3 benchmarks/profile_forward.py --batch 64 --input-len 2048 --out "$OUT/profile_64x2048.json" || echo "PROFILE FAILED rc=$?"
     python3 benchmarks/profile_forward.py --batch 256 --input-len 512 --out "$OUT/profile_256x512.json" || echo "PROFILE FAILED rc=$?"
+    python3 benchmarks/profile_forward.py --batch 64 --input-len 2048 --temperature 1.0 \
+        --out "$OUT/profile_64x2048_sampled.json" || echo "PROFILE FAILED rc=$?"
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.ops import lazy_kernels
+
 # Tuning constants, timed on an H100 80GB HBM3 (PCIe link, torch 2.11, Triton 3.6) with
 # benchmarks/transfer_gpu.py, 512 MiB of scattered Llama-3-8B blocks, five runs: 8 programs are
 # the fewest at the full rate (16-64 are no faster), and 32 KiB chunks keep them there (reload
@@ -86,19 +88,8 @@ _BACKENDS = (None, "triton", "torch")
 # kvtier must not import Triton (TRITON_INTERPRET is read when Triton is imported).
 
 
-def __getattr__(name: str):
-    if name == "_INTERPRETED":  # whether the kernel runs in Triton's interpreter (tests, CPU)
-        return _kernel_module().INTERPRETED
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _kernel_module():
-    """kvtier.ops._kv_transfer_kernel, or None without Triton."""
-    try:
-        from kvtier.ops import _kv_transfer_kernel
-    except ImportError:  # a CPU-only install: copy_blocks_ref serves every call
-        return None
-    return _kv_transfer_kernel
+# the kernel module, imported on first launch; `_INTERPRETED` as a module attribute
+__getattr__, _kernel_module = lazy_kernels.accessors("_kv_transfer_kernel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +222,7 @@ def _check_kernel_args(src: torch.Tensor, dst: torch.Tensor, num_programs: int, 
     if chunk_bytes < 1 or chunk_bytes & (chunk_bytes - 1):
         raise ValueError(f"chunk_bytes must be a power of two, got {chunk_bytes}")
     on_cuda = src.device.type == "cuda" or dst.device.type == "cuda"
-    interpreted = globals().get("_INTERPRETED", _kernel_module().INTERPRETED)  # tests may pin it
+    interpreted = lazy_kernels.interpreted(globals(), "_kv_transfer_kernel")  # tests may pin it
     if not on_cuda and not interpreted:
         raise ValueError("the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run it on the CPU)")

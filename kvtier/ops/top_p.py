@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.ops import lazy_kernels
+
 # Untuned defaults, chosen by arithmetic; never timed (no GPU was at hand). At K = 16 a pass
 # narrows the range 17-fold: 8 passes, each element costing K compare-and-adds a pass (128 in
 # all; a binary search: 30 passes of 1, but 30 reads of the row). The (K, BLOCK) fp32 partial
@@ -58,19 +60,8 @@ _ONE_BITS = 0x3F800000  # the int32 bit pattern of 1.0
 _BACKENDS = (None, "triton", "torch")
 
 
-def __getattr__(name: str):
-    if name == "_INTERPRETED":  # whether the kernel runs in Triton's interpreter (tests, CPU)
-        return _kernel_module().INTERPRETED
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _kernel_module():
-    """kvtier.ops._top_p_kernel, or None without Triton."""
-    try:
-        from kvtier.ops import _top_p_kernel
-    except ImportError:  # a CPU-only install: top_p_threshold_ref serves every call
-        return None
-    return _top_p_kernel
+# the kernel module, imported on first launch; `_INTERPRETED` as a module attribute
+__getattr__, _kernel_module = lazy_kernels.accessors("_top_p_kernel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +162,7 @@ def _check_kernel_args(probs: torch.Tensor) -> None:
     kernel = _kernel_module()
     if kernel is None:
         raise ValueError("backend 'triton' needs the triton package")
-    interpreted = globals().get("_INTERPRETED", kernel.INTERPRETED)  # tests may pin it
+    interpreted = lazy_kernels.interpreted(globals(), "_top_p_kernel")  # tests may pin it
     if not probs.is_cuda and not interpreted:
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run it on the CPU)")

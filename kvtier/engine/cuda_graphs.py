@@ -114,6 +114,10 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if hooks is NO_HOOKS:  # most decode steps: nothing moves between tiers
+            for segment in self.graphs[size]:
+                segment.replay()
+            return self.logits[size][:n]
         for first_layer, last_layer, segment in zip(self.segment_starts, self.segment_ends, self.graphs[size]):
             for layer in range(first_layer, last_layer + 1):  # what any layer of the segment reads
                 hooks.before_layer(layer)

@@ -100,8 +100,8 @@ class ModelRunner:
         logits = self._logits(inputs)
         if logits is None:
             return None
-        last_token_ids = inputs.input_ids[inputs.logits_indices]  # (S,) seen by a repetition penalty
-        sample = self.sampler.sample(logits, inputs.sample_items, last_token_ids)
+        # each row's last input token: a repetition penalty counts it as seen
+        sample = self.sampler.sample(logits, inputs.sample_items, (inputs.input_ids, inputs.logits_indices))
         # the next step's placeholders (async scheduling) read these rows
         self._sampled = ({item.request_id: i for i, item in enumerate(inputs.sample_items)}, sample.token_ids)
         return sample

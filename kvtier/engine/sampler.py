@@ -113,15 +113,16 @@ class Sampler:
         return self.sample(logits, items).to_host()
 
     def sample(self, logits: torch.Tensor, items: list[ScheduledRequest],
-               last_token_ids: torch.Tensor | None = None) -> DeviceSample:
+               last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> DeviceSample:
         """logits (N, V) fp32, one row per item -> the drawn tokens on the device, their copy to
         the host started; the host does not wait for the device.
 
-        last_token_ids (N,) on the device: each row's last input token, which a repetition penalty
-        also counts as seen (under async scheduling the host has not seen it yet)."""
+        last_inputs: (input_ids (T,), positions (N,) of each row's last input token in them), on
+        the device. A repetition penalty also counts that token as seen (under async scheduling the
+        host has not seen it yet); it is gathered only for penalized rows."""
         rows = _host_rows(items, logits.shape[-1])
         dev = _to_device(rows.arrays, self.device)
-        processed = _penalize(logits, dev, last_token_ids)
+        processed = _penalize(logits, dev, last_inputs)
         if rows.num_greedy == len(items):
             token_ids = processed.argmax(dim=-1)
         else:
@@ -207,7 +208,7 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _penalize(logits: torch.Tensor, dev: dict[str, torch.Tensor],
-              last_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+              last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Repetition penalty, then min_tokens bans, on (row, token id) pairs; a new tensor when any
     applies (logprobs read the raw logits). A pair listed twice writes the same value twice."""
     if "penalty_rows" not in dev and "ban_rows" not in dev:
@@ -215,9 +216,10 @@ def _penalize(logits: torch.Tensor, dev: dict[str, torch.Tensor],
     logits = logits.clone()
     if "penalty_rows" in dev:
         rows, token_ids, penalty = dev["penalty_rows"], dev["penalty_token_ids"], dev["penalty"]
-        if last_token_ids is not None:  # each penalized row's last input token, from the device
+        if last_inputs is not None:  # each penalized row's last input token, from the device
+            input_ids, last_positions = last_inputs
             last_rows = dev["penalty_last_rows"]
-            rows, token_ids = torch.cat([rows, last_rows]), torch.cat([token_ids, last_token_ids[last_rows]])
+            rows, token_ids = torch.cat([rows, last_rows]), torch.cat([token_ids, input_ids[last_positions[last_rows]]])
             penalty = torch.cat([penalty, dev["penalty_last"]])
         pairs = (rows, token_ids)
         seen = logits[pairs]

@@ -29,6 +29,7 @@ This module imports nothing from kvtier.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,31 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
+    @functools.cached_property
+    def query_spans(self) -> list[tuple[int, int, int, int]]:
+        """(sequence, first query row, q_len, seq_len) of every sequence with queries in this step
+        (once per step: every layer's attention reads them)."""
+        starts = self.query_start_loc.tolist() if not self.query_lens_list else None
+        seq_lens = self.seq_lens_list or self.seq_lens.tolist()
+        spans, start = [], 0
+        for b, seq_len in enumerate(seq_lens):
+            q_len = self.query_lens_list[b] if starts is None else starts[b + 1] - starts[b]
+            if q_len:
+                spans.append((b, start, q_len, seq_len))
+            start += q_len
+        return spans
+
+    @functools.cached_property
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """A mixed step's one-query sequences: (query rows, sequences, their longest context), or None."""
+        decodes = [span for span in self.query_spans if span[2] == 1]
+        if not decodes:
+            return None
+        device = self.seq_lens.device
+        return (torch.tensor([start for _, start, _, _ in decodes], device=device),
+                torch.tensor([b for b, _, _, _ in decodes], device=device),
+                max(seq_len for _, _, _, seq_len in decodes))
+
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
@@ -131,23 +157,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if meta.is_decode_only:
         return _decode_ref(q, k_cache, v_cache, meta, scale, sliding_window)
     out = torch.empty_like(q)
-    for b, start, q_len, seq_len in _query_spans(meta):
+    for b, start, q_len, seq_len in meta.query_spans:
         out[start:start + q_len] = _prefill_one(q[start:start + q_len], k_cache, v_cache,
                                                 meta.block_tables[b], seq_len, scale, sliding_window)
     return out
-
-
-def _query_spans(meta: AttentionMetadata) -> list[tuple[int, int, int, int]]:
-    """(sequence, first query row, q_len, seq_len) of every sequence with queries in this step."""
-    starts = meta.query_start_loc.tolist() if not meta.query_lens_list else None
-    seq_lens = meta.seq_lens_list or meta.seq_lens.tolist()
-    spans, start = [], 0
-    for b, seq_len in enumerate(seq_lens):
-        q_len = meta.query_lens_list[b] if starts is None else starts[b + 1] - starts[b]
-        if q_len:
-            spans.append((b, start, q_len, seq_len))
-        start += q_len
-    return spans
 
 
 def _group(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -182,16 +195,24 @@ def _prefill_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return _ungroup(_attend(_group(q, num_kv_heads), k, v, mask, scale))
 
 
+def _decode_kv_mask(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, max_seq_len: int,
+                    sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query per sequence at position seq_len - 1: K, V (B, Hkv, L, D) padded to max_seq_len
+    and the mask (B, 1, L) of the keys each query sees."""
+    k = gather_padded_kv(k_cache, block_tables, max_seq_len)  # (B, Hkv, L, D)
+    v = gather_padded_kv(v_cache, block_tables, max_seq_len)
+    k_pos = torch.arange(k.shape[2], device=k.device)
+    q_pos = (seq_lens.long() - 1).unsqueeze(-1)  # (B, 1)
+    return k, v, _causal_mask(q_pos, k_pos.expand(k.shape[0], -1), sliding_window)
+
+
 def _decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
     """All sequences have one query: gather every context padded to max_seq_len at once."""
-    num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
-    k = gather_padded_kv(k_cache, meta.block_tables, meta.max_seq_len)  # (B, Hkv, L, D)
-    v = gather_padded_kv(v_cache, meta.block_tables, meta.max_seq_len)
-    k_pos = torch.arange(k.shape[2], device=q.device)
-    q_pos = (meta.seq_lens.long() - 1).unsqueeze(-1)  # (B, 1)
-    mask = _causal_mask(q_pos, k_pos.expand(num_seqs, -1), sliding_window)  # (B, 1, L)
-    qg = _group(q.unsqueeze(1), num_kv_heads)  # (B, Hkv, G, 1, D)
+    k, v, mask = _decode_kv_mask(k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len,
+                                 sliding_window)
+    qg = _group(q.unsqueeze(1), k_cache.shape[2])  # (B, Hkv, G, 1, D)
     return _ungroup(_attend(qg, k, v, mask[:, None, None], scale)).squeeze(1)
 
 
@@ -214,16 +235,13 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return _decode_sdpa(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len,
                             scale, sliding_window)
     out = torch.empty_like(q)
-    spans = _query_spans(meta)
-    decodes = [span for span in spans if span[2] == 1]
-    if len(decodes) > 1:
-        rows = torch.tensor([start for _, start, _, _ in decodes], device=q.device)
-        seqs = torch.tensor([b for b, _, _, _ in decodes], device=q.device)
-        max_seq_len = max(seq_len for _, _, _, seq_len in decodes)
+    decodes = meta.decode_rows
+    if decodes is not None:
+        rows, seqs, max_seq_len = decodes
         out[rows] = _decode_sdpa(q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs],
                                  max_seq_len, scale, sliding_window)
-    for b, start, q_len, seq_len in spans:
-        if q_len > 1 or len(decodes) == 1:
+    for b, start, q_len, seq_len in meta.query_spans:
+        if q_len > 1:
             out[start:start + q_len] = _prefill_one_sdpa(q[start:start + q_len], k_cache, v_cache,
                                                          meta.block_tables[b], seq_len, scale, sliding_window)
     return out
@@ -259,11 +277,7 @@ def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """One query per sequence, q (B, Hq, D) -> (B, Hq, D). Contexts padded to max_seq_len; the G
     query heads of a KV head are its "query length", so K/V are read once per KV head."""
     num_seqs, num_kv_heads = q.shape[0], k_cache.shape[2]
-    k = gather_padded_kv(k_cache, block_tables, max_seq_len)  # (B, Hkv, L, D)
-    v = gather_padded_kv(v_cache, block_tables, max_seq_len)
-    k_pos = torch.arange(k.shape[2], device=q.device)
-    q_pos = (seq_lens.long() - 1).unsqueeze(-1)  # (B, 1)
-    mask = _causal_mask(q_pos, k_pos.expand(num_seqs, -1), sliding_window)  # (B, 1, L)
+    k, v, mask = _decode_kv_mask(k_cache, v_cache, block_tables, seq_lens, max_seq_len, sliding_window)
     qg = q.reshape(num_seqs, num_kv_heads, -1, q.shape[-1])  # (B, Hkv, G, D)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], scale=scale)  # (B, Hkv, G, D)
     return o.reshape(q.shape)

@@ -15,15 +15,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.benchmarks.throughput import start_decoding  # noqa: E402
 
 temp = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 llm = LLM("llama3-8b", load_format="dummy", max_model_len=2200, max_num_seqs=64, max_num_batched_tokens=16384)
 eng = llm.engine
-for r in random_requests(64, 2048, 40, eng.model_config.vocab_size, 0):
-    params = SamplingParams(temperature=temp, top_p=0.9 if temp else 1.0, max_tokens=40, ignore_eos=True)
-    eng.add_request({"prompt_token_ids": r.prompt_token_ids}, params)
-for _ in range(14):
+start_decoding(llm, 64, 2048, 40, SamplingParams(temperature=temp, top_p=0.9 if temp else 1.0))
+for _ in range(3):  # into steady decoding
     eng.step()
 where = collections.Counter()
 

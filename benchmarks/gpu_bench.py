@@ -24,20 +24,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvtier import LLM  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.benchmarks.throughput import DeviceRates, Sampling, benchmark, compare_hf  # noqa: E402
+from kvtier.benchmarks.throughput import GREEDY, DeviceRates, benchmark, compare_hf  # noqa: E402
+from kvtier.sampling_params import SamplingParams  # noqa: E402
 
-SAMPLED = Sampling(temperature=1.0, top_p=0.9)
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9)
 FULL = {"model": "llama3-8b", "decode": (64, 2048, 64), "decode256": (256, 512, 64), "prefill": (8, 2048, 1),
         "vs_hf": (16, 2048, 256), "engine": dict(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384)}
 SMOKE = {"model": "tiny-llama", "decode": (8, 64, 8), "decode256": (16, 32, 8), "prefill": (4, 64, 1),
          "vs_hf": (4, 64, 16), "engine": dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512)}
-SCENARIOS = (("decode", "decode", Sampling()), ("decode_sampled", "decode", SAMPLED),
-             ("decode256", "decode256", Sampling()), ("decode256_sampled", "decode256", SAMPLED),
-             ("prefill", "prefill", Sampling()), ("vs_hf", "vs_hf", Sampling()))
+SCENARIOS = (("decode", "decode", GREEDY), ("decode_sampled", "decode", SAMPLED),
+             ("decode256", "decode256", GREEDY), ("decode256_sampled", "decode256", SAMPLED),
+             ("prefill", "prefill", GREEDY), ("vs_hf", "vs_hf", GREEDY))
 
 
 def scenario(llm: LLM, rates: DeviceRates, name: str, shape: tuple[int, int, int], seed: int,
-             sampling: Sampling) -> dict:
+             sampling: SamplingParams) -> dict:
     num, input_len, output_len = shape
     reqs = random_requests(num, input_len, output_len, llm.engine.model_config.vocab_size, seed)
     res = {"scenario": name, **benchmark(llm, reqs, rates, seed=seed, sampling=sampling)}

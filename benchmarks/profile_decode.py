@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-from kvtier.config import EngineConfig  # noqa: E402
+from kvtier.benchmarks.throughput import start_decoding  # noqa: E402
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -50,24 +49,15 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
-    sync = {"async_scheduling": False} if "async_scheduling" in EngineConfig.__dataclass_fields__ else {}
     llm = LLM(args.model, load_format="dummy", max_model_len=args.input_len + args.output_len + 64,
-              max_num_seqs=args.batch, max_num_batched_tokens=16384, **sync)
+              max_num_seqs=args.batch, max_num_batched_tokens=16384, async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
     dev = engine.device
-    reqs = random_requests(args.batch, args.input_len, args.output_len, engine.model_config.vocab_size)
-    for r in reqs:
-        engine.add_request(r.prompt_token_ids, SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                                              max_tokens=args.output_len, ignore_eos=True))
-    sched = engine.scheduler
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
-        engine.step()  # prefill
+    start_decoding(llm, args.batch, args.input_len, args.output_len,
+                   SamplingParams(temperature=args.temperature, top_p=args.top_p))
     runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs, dev)
     runner._logits = timed("forward", runner._logits, dev)
-    if hasattr(runner.sampler, "sample"):
-        runner.sampler.sample = timed("sample", runner.sampler.sample, dev)
-    else:  # code before the vectorized sampler (comparisons in one run)
-        runner.sampler.__class__.__call__ = timed("sample", runner.sampler.__class__.__call__, dev)
+    runner.sampler.sample = timed("sample", runner.sampler.sample, dev)
     engine.output_processor.outputs = timed("outputs", engine.output_processor.outputs, dev)
     engine._apply_tokens = timed("apply_tokens", engine._apply_tokens, dev)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule, dev)

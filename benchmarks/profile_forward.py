@@ -22,21 +22,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.benchmarks.datasets import random_requests  # noqa: E402
-
-
-def prefill(llm: LLM, batch: int, input_len: int, steps: int, temperature: float) -> None:
-    engine = llm.engine
-    params = SamplingParams(temperature=temperature, top_p=0.9 if temperature else 1.0,
-                            max_tokens=steps + 8, ignore_eos=True)
-    for r in random_requests(batch, input_len, steps + 8, engine.model_config.vocab_size, 0):
-        engine.add_request({"prompt_token_ids": r.prompt_token_ids}, params)
-    sched = engine.scheduler
-    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        engine.step()
-    for _ in range(3):  # into steady decoding
-        engine.step()
-    torch.cuda.synchronize()
+from kvtier.benchmarks.throughput import start_decoding  # noqa: E402
 
 
 def kernel_table(prof, steps: int, wall_ms: float) -> dict:
@@ -61,7 +47,11 @@ def main() -> None:
     args = ap.parse_args()
     llm = LLM("llama3-8b", load_format="dummy", max_model_len=args.input_len + args.steps + 64,
               max_num_seqs=args.batch, max_num_batched_tokens=16384)
-    prefill(llm, args.batch, args.input_len, args.steps, args.temperature)
+    sampling = SamplingParams(temperature=args.temperature, top_p=0.9 if args.temperature else 1.0)
+    start_decoding(llm, args.batch, args.input_len, args.steps + 8, sampling)
+    for _ in range(3):  # into steady decoding
+        llm.engine.step()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start.record()

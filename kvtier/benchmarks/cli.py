@@ -8,8 +8,9 @@ import json
 from typing import Any
 
 from kvtier.benchmarks.datasets import random_requests, sharegpt_requests
-from kvtier.benchmarks.throughput import DeviceRates, Sampling, benchmark, compare_hf
+from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf
 from kvtier.engine_args import engine_kwargs
+from kvtier.sampling_params import SamplingParams
 
 
 def _requests(args: argparse.Namespace, llm) -> list:
@@ -38,7 +39,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = LLM(**engine_kwargs(args))
     reqs = _requests(args, llm)
     rates = DeviceRates.measure(llm.engine.device, llm.engine.dtype)
-    sampling = Sampling(args.temperature, args.top_p, args.top_k)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     results = benchmark(llm, reqs, rates, args.seed, args.ignore_eos, sampling)
     if args.compare == "hf":
         compare_hf(llm, reqs, args.hf_batch_size or args.max_num_seqs, results)

@@ -40,16 +40,33 @@ class DeviceRates:
         return cls(memory_bandwidth(device), matmul_flops(device, dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the benchmark's requests sample (temperature 0: greedy)."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+GREEDY = SamplingParams(temperature=0.0)
 
-    def params(self, max_tokens: int, ignore_eos: bool) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=max_tokens, ignore_eos=ignore_eos)
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    """What a step moves and computes on this model, from its record: the one place for the
+    roofline and FLOP formulas of the benchmarks."""
+    weight_bytes: int
+    kv_bytes_per_token: int
+    num_params: int
+    attn_flops_per_query_key: int  # QK^T and PV over all layers and heads, 2 FLOPs per MAC
+
+    @classmethod
+    def of(cls, llm: LLM) -> StepCosts:
+        model, cfg = llm.engine.runner.model, llm.engine.model_config
+        return cls(weight_bytes(model), llm.engine.kv_spec.bytes_per_token, sum(p.numel() for p in model.parameters()),
+                   4 * cfg.num_layers * cfg.num_heads * cfg.head_dim)
+
+    def roofline_s(self, sum_seq_lens: float, rates: DeviceRates) -> float:
+        """Weights plus the K/V the step's attention reads, at the device's copy bandwidth."""
+        return (self.weight_bytes + sum_seq_lens * self.kv_bytes_per_token) / rates.mem_bw
+
+    def flops(self, step: StepRecord) -> float:
+        """Matmuls (2 per parameter per token) and causal attention (each token over about half
+        its sequence)."""
+        keys_per_query = step.sum_seq_lens / max(step.num_seqs, 1) / 2
+        return (2 * self.num_params + self.attn_flops_per_query_key * keys_per_query) * step.num_tokens
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -62,16 +79,17 @@ def device_info(llm: LLM) -> dict[str, Any]:
     cfg = llm.engine.model_config
     return {"device": name, "torch_version": torch.__version__, "model": llm.engine.model_name,
             "architecture": cfg.architecture, "dtype": str(llm.engine.dtype).replace("torch.", ""),
-            "num_params": sum(p.numel() for p in llm.engine.runner.model.parameters()),
+            "num_params": StepCosts.of(llm).num_params,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True,
-                 sampling: Sampling = Sampling()) -> tuple[float, list, list[StepRecord]]:
-    """Generate (greedily unless `sampling` says otherwise); returns (seconds, outputs, per-step records)."""
+                 sampling: SamplingParams = GREEDY) -> tuple[float, list, list[StepRecord]]:
+    """Generate as `sampling` says (greedy by default) with each request's output length; returns
+    (seconds, outputs, per-step records)."""
     engine = llm.engine
     engine.step_log = []
-    params = [sampling.params(r.output_len, ignore_eos) for r in reqs]
+    params = [dataclasses.replace(sampling, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in reqs]
     _sync(llm)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
@@ -81,58 +99,57 @@ def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True,
     return seconds, outs, steps
 
 
+def start_decoding(llm: LLM, batch: int, input_len: int, new_tokens: int, sampling: SamplingParams = GREEDY,
+                   seed: int = 0) -> None:
+    """Add `batch` random prompts of `input_len` tokens that generate `new_tokens` each, and step
+    the engine until every prompt is computed (the profilers then time decode steps)."""
+    engine = llm.engine
+    params = dataclasses.replace(sampling, max_tokens=new_tokens, ignore_eos=True)
+    for r in random_requests(batch, input_len, new_tokens, engine.model_config.vocab_size, seed):
+        engine.add_request({"prompt_token_ids": r.prompt_token_ids}, params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        engine.step()
+
+
 def _sync(llm: LLM) -> None:
     if llm.engine.device.type == "cuda":
         torch.cuda.synchronize(llm.engine.device)
 
 
-def decode_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+def decode_stats(costs: StepCosts, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
     """Median decode step at the largest batch seen, and its roofline."""
     decode = [s for s in steps if s.decode_only]
     if not decode:
         return {}
     full = max(s.num_seqs for s in decode)
     at_full = [s for s in decode if s.num_seqs == full][1:] or [s for s in decode if s.num_seqs == full]
-    kv_tok = llm.engine.kv_spec.bytes_per_token
-    w_bytes = weight_bytes(llm.engine.runner.model)
     measured = statistics.median(s.seconds for s in at_full)
     mean_ctx = statistics.mean(s.sum_seq_lens for s in at_full)
-    roofline = (w_bytes + mean_ctx * kv_tok) / rates.mem_bw
+    roofline = costs.roofline_s(mean_ctx, rates)
     return {"batch_size": full, "decode_step_ms": measured * 1e3, "roofline_step_ms": roofline * 1e3,
             "roofline_fraction": roofline / measured, "decode_steps_measured": len(at_full),
-            "weight_gb": w_bytes / 1e9, "kv_gb_read_per_step": mean_ctx * kv_tok / 1e9}
+            "weight_gb": costs.weight_bytes / 1e9, "kv_gb_read_per_step": mean_ctx * costs.kv_bytes_per_token / 1e9}
 
 
-def prefill_stats(llm: LLM, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+def prefill_stats(costs: StepCosts, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
     """Prefill tokens/s and MFU over steps that carry prompt tokens (matmuls + causal attention)."""
     prefill = [s for s in steps if not s.decode_only]
     if not prefill:
         return {}
     tokens = sum(s.num_tokens for s in prefill)
     seconds = sum(s.seconds for s in prefill)
-    flops = sum(step_flops(llm, s) for s in prefill)
+    flops = sum(costs.flops(s) for s in prefill)
     return {"prefill_tokens": tokens, "prefill_s": seconds, "prefill_tok_s": tokens / seconds,
             "prefill_tflops": flops / seconds / 1e12, "prefill_mfu": flops / seconds / rates.flops}
 
 
-def step_flops(llm: LLM, step: StepRecord) -> float:
-    """Matmuls (2 per parameter per token) and causal attention (QK^T and PV, each token over
-    about half its sequence)."""
-    cfg = llm.engine.model_config
-    n_params = sum(p.numel() for p in llm.engine.runner.model.parameters())
-    mean_seq_len = step.sum_seq_lens / max(step.num_seqs, 1)
-    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * step.num_tokens * mean_seq_len / 2
-    return 2 * n_params * step.num_tokens + attn
-
-
-def bound_stats(llm: LLM, seconds: float, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
+def bound_stats(costs: StepCosts, seconds: float, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
     """The engine's own bound on the run (each step at max(memory roofline, FLOPs at the matmul
     rate)) and the host time the device waited for between decode steps."""
     if not steps:
         return {}
-    kv_tok, w_bytes = llm.engine.kv_spec.bytes_per_token, weight_bytes(llm.engine.runner.model)
-    bound = sum(max((w_bytes + s.sum_seq_lens * kv_tok) / rates.mem_bw, step_flops(llm, s) / rates.flops)
-                for s in steps)
+    bound = sum(max(costs.roofline_s(s.sum_seq_lens, rates), costs.flops(s) / rates.flops) for s in steps)
     out = {"bound_s": bound, "e2e_roofline_fraction": bound / seconds}
     gaps = [a.device_end.elapsed_time(b.device_start) for a, b in zip(steps, steps[1:])
             if a.decode_only and b.decode_only and a.device_end is not None and b.device_start is not None]
@@ -154,20 +171,22 @@ def summarize(llm: LLM, reqs: list[BenchRequest], seconds: float, outs: list,
            "requests_per_s": len(reqs) / seconds, "output_tok_s": num_out / seconds,
            "total_tok_s": (num_in + num_out) / seconds,
            "mem_bw_gb_s": rates.mem_bw / 1e9, "matmul_tflops": rates.flops / 1e12}
-    res.update(decode_stats(llm, steps, rates))
-    res.update(prefill_stats(llm, steps, rates))
-    res.update(bound_stats(llm, seconds, steps, rates))
+    costs = StepCosts.of(llm)
+    res.update(decode_stats(costs, steps, rates))
+    res.update(prefill_stats(costs, steps, rates))
+    res.update(bound_stats(costs, seconds, steps, rates))
     if llm.engine.device.type == "cuda":
         res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(llm.engine.device) / 1e9
     return res
 
 
 def benchmark(llm: LLM, reqs: list[BenchRequest], rates: DeviceRates, seed: int = 0,
-              ignore_eos: bool = True, sampling: Sampling = Sampling()) -> dict[str, Any]:
+              ignore_eos: bool = True, sampling: SamplingParams = GREEDY) -> dict[str, Any]:
     """Warm up, run `reqs` once, and summarize with the device and model description."""
     run_requests(llm, warmup_requests(reqs, llm.engine.model_config.vocab_size, seed), sampling=sampling)
     seconds, outs, steps = run_requests(llm, reqs, ignore_eos, sampling)
-    return {**device_info(llm), **dataclasses.asdict(sampling), "async_scheduling": llm.engine.async_scheduling,
+    drawn = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+    return {**device_info(llm), **drawn, "async_scheduling": llm.engine.async_scheduling,
             **summarize(llm, reqs, seconds, outs, steps, rates)}
 
 

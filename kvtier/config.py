@@ -17,6 +17,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_POLICIES = ("write-back", "write-through")
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,7 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("dtype", self.dtype, DTYPES)
         if self.attention_backend is not None:
-            _choice("attention_backend", self.attention_backend, ("torch", "triton"))
+            _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"invalid device {self.device!r}; choose one of {DEVICES} or 'cuda:N'")
         _positive("block_size", self.block_size)

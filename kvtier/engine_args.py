@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from kvtier.config import DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
+from kvtier.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
 
 _ENGINE_HELP = {
     "model": "model: a local HF directory, a .gguf file, or with --load-format dummy a config name "
@@ -50,7 +50,7 @@ _ENGINE_HELP = {
                         "stay there and feed the next step; stops are seen one step late and tokens past "
                         "them dropped); default: on with a GPU, off on the CPU",
 }
-_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ("torch", "triton"),
+_CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
             "kv_offloading_policy": OFFLOAD_POLICIES}
 
 

@@ -23,8 +23,7 @@ class RequestStatus(enum.Enum):
         return self in _FINISHED
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
+_FINISHED = frozenset(status for status in RequestStatus if status.name.startswith("FINISHED_"))
 
 
 class Request:

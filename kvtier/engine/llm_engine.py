@@ -255,11 +255,18 @@ class LLMEngine:
                     arrival_time: float | None = None) -> str:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
         params = params or SamplingParams()
+        self.check_sampling_params(params)
+        text, token_ids = self.process_prompt(prompt)
+        return self.add_processed_request(text, token_ids, params, request_id, cache_salt, arrival_time)
+
+    def add_processed_request(self, text: str | None, token_ids: list[int], params: SamplingParams,
+                              request_id: str | None = None, cache_salt: str | None = None,
+                              arrival_time: float | None = None) -> str:
+        """Queue a request whose prompt and parameters were validated already (`process_prompt`,
+        `check_sampling_params`: the server does it off the engine thread)."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.output_processor:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_sampling_params(params)
-        text, token_ids = self.process_prompt(prompt)
         samples = [Request(request_id if params.n == 1 else f"{request_id}#{i}", token_ids,
                            params.child(i) if params.n > 1 else params, self.eos_token_ids, cache_salt, arrival_time)
                    for i in range(params.n)]

@@ -23,8 +23,6 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each (num_blo
 class AttentionBackend:
     """One layer's attention over its paged KV cache."""
 
-    name = "none"
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) of this step -> (T, Hq, D): writes k/v into the cache at
@@ -33,8 +31,6 @@ class AttentionBackend:
 
 
 class TorchAttention(AttentionBackend):
-    name = "torch"
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = kv_cache
@@ -43,8 +39,6 @@ class TorchAttention(AttentionBackend):
 
 
 class TritonAttention(AttentionBackend):
-    name = "triton"
-
     def __init__(self) -> None:
         from kvtier.ops import triton_attention  # here: importing kvtier must not import Triton
         self._write_kv, self._attend = triton_attention.write_kv, triton_attention.paged_attention

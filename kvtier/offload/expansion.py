@@ -28,7 +28,9 @@ reference (the step with nothing far) and cuts it multiplicatively when it does 
        |___________/
        +--------------------------------------------> steps
 
-Everything here is torch-free: it takes seconds and bytes and gives fractions.
+Everything here is torch-free: it takes seconds and bytes and gives fractions. Nothing in the
+engine calls it yet: it waits for far-resident blocks of running requests and the staging ring
+(docs/architecture.md, "Pie's staging slots").
 """
 
 from __future__ import annotations

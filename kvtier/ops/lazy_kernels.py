@@ -8,11 +8,13 @@ in Triton's interpreter) comes from `interpreted`, and tests may pin it with mon
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
 
 
+@functools.cache
 def load(name: str) -> ModuleType | None:
     """kvtier.ops.<name>, or None without Triton."""
     try:

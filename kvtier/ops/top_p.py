@@ -136,7 +136,7 @@ def _launch(probs: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> None
     kernel = _kernel_module()
     kernel._top_p_threshold_kernel[(probs.shape[0],)](
         probs, top_p.contiguous(), out, probs.shape[1], probs.stride(0),
-        BLOCK=TOP_P_BLOCK, K=TOP_P_K, NUM_PASSES=num_passes(TOP_P_K), num_warps=TOP_P_NUM_WARPS)
+        BLOCK=TOP_P_BLOCK, K=TOP_P_K, NUM_PASSES=_NUM_PASSES, num_warps=TOP_P_NUM_WARPS)
 
 
 def _check_args(probs: torch.Tensor, top_p: torch.Tensor) -> None:
@@ -169,3 +169,6 @@ def _check_kernel_args(probs: torch.Tensor) -> None:
     if probs.shape[1] >= 2**31 or probs.stride(0) >= 2**31:
         raise ValueError(f"probs of shape {tuple(probs.shape)}, strides {probs.stride()}: the kernel "
                          "indexes a row with int32")
+
+
+_NUM_PASSES = num_passes(TOP_P_K)  # per launch: computed once

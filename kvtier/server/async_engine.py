@@ -6,7 +6,8 @@
                                                     engine.step() while there is work
     OutputStream <── call_soon_threadsafe(_deliver) ─ RequestOutputs of the step
 
-Ownership: only the engine thread touches the LLMEngine (it is not thread-safe); only the event loop
+Ownership: only the engine thread changes the LLMEngine (it is not thread-safe; the handlers' worker
+threads only read its tokenizer and limits to validate prompts); only the event loop
 touches `_streams` and the metrics. After every round of commands and steps the engine thread
 publishes a stats snapshot, so /health and /metrics answer without waiting for a step.
 
@@ -19,14 +20,13 @@ new requests and gives the running ones a bounded time before ending them with a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from kvtier.engine.llm_engine import LLMEngine
 from kvtier.outputs import RequestOutput
@@ -35,7 +35,6 @@ from kvtier.server.metrics import RequestTimer, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _STOP = object()
 STATS_INTERVAL_S = 0.05  # how stale /metrics may be while requests run
 
@@ -188,20 +187,6 @@ class AsyncEngine:
         self.metrics.observe_end("abort")
         self._commands.put(lambda: self._abort(request_id))
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run fn(engine) on the engine thread between steps (e.g. a consistent stats() snapshot)."""
-        if not self.is_running:
-            raise EngineError("the engine loop is not running")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn(self.engine))
-            except BaseException as e:  # handed to the awaiting caller
-                future.set_exception(e)
-        self._commands.put(run)
-        return await asyncio.wrap_future(future)
-
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
@@ -286,9 +271,11 @@ class AsyncEngine:
 
     def _add(self, req: EngineRequest) -> None:
         try:
-            self.engine.add_request({"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids},
-                                    req.params, req.request_id, req.cache_salt)
-        except Exception as e:  # validated before queuing, so unexpected: fail only this request
+            # validated before queuing (serving.py: the prompt off the event loop, the parameters
+            # against the model), so the engine thread only queues it
+            self.engine.add_processed_request(req.prompt, req.prompt_token_ids, req.params, req.request_id,
+                                              req.cache_salt)
+        except Exception as e:  # unexpected: fail only this request
             logger.exception("engine rejected request %s", req.request_id)
             self._post(self._fail, [req.request_id], EngineError(f"the engine rejected the request: {e}"))
             return

@@ -10,7 +10,7 @@ requests at once, which frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import dataclasses
 import json
 import threading
@@ -138,7 +138,8 @@ class OpenAIServing:
         req.check_unsupported()
 
     def process_prompt(self, prompt: str | list[int], param: str) -> tuple[str | None, list[int]]:
-        """Tokenize and validate against max_model_len; runs on the event loop (read-only engine use)."""
+        """Tokenize and validate against max_model_len and the vocabulary. Runs in a worker thread
+        (`_off_loop`) beside the engine thread: it only reads the tokenizer and fixed limits."""
         try:
             return self.llm.engine.process_prompt(prompt)
         except ValueError as e:
@@ -232,26 +233,16 @@ async def _off_loop(work: Callable[[], T]) -> T:
 
     A daemon thread, not asyncio's default executor: the process exits after a shutdown without
     joining a tokenization that may have 20 s to go (asyncio.run joins that executor's threads)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if future.done():  # the handler was cancelled (the client left)
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            result = (True, work())
+            future.set_result(work())
         except BaseException as e:  # handed to the awaiting handler
-            result = (False, e)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, *result)
+            future.set_exception(e)
     threading.Thread(target=run, name="kvtier-tokenize", daemon=True).start()
-    return await future
+    # wrap_future drops the result when the handler was cancelled (the client left) or the loop closed
+    return await asyncio.wrap_future(future)
 
 
 def _json(payload: dict[str, Any]) -> bytes:

@@ -30,13 +30,8 @@ from kvtier import LLM, SamplingParams  # noqa: E402
 from kvtier.benchmarks.datasets import random_requests  # noqa: E402
 from kvtier.engine import transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
-from kvtier.offload.hardware import host_link_bandwidth, time_ms  # noqa: E402
+from kvtier.offload.hardware import host_link_bandwidth, synchronize, time_ms  # noqa: E402
 from kvtier.scheduler.output import ScheduledRequest  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def pinned_rate(device, nbytes=256 << 20) -> dict:
@@ -125,12 +120,12 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
         for name, fn in fns.items():
             for _ in range(3):
                 fn()
-            sync(dev)
+            synchronize(dev)
             out[f"{name}_alone_ms"] = time_ms(fn, dev, iters=reps, warmup=0)
             for direction in ("to_gpu", "to_cpu"):
                 passes, rates = [], []
                 for _ in range(reps):
-                    sync(dev)
+                    synchronize(dev)
                     flight = _InFlight(-1, [])
                     if eng.on_gpu:
                         # the copy stream must not wait on earlier work: it starts with the pass

@@ -26,7 +26,7 @@ from kvtier.benchmarks.datasets import BenchRequest, random_requests
 from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
 from kvtier.models.loader import hf_state_dict
-from kvtier.offload.hardware import matmul_flops, memory_bandwidth
+from kvtier.offload.hardware import matmul_flops, memory_bandwidth, synchronize
 from kvtier.sampling_params import SamplingParams
 
 
@@ -90,10 +90,10 @@ def run_requests(llm: LLM, reqs: list[BenchRequest], ignore_eos: bool = True,
     engine = llm.engine
     engine.step_log = []
     params = [dataclasses.replace(sampling, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in reqs]
-    _sync(llm)
+    synchronize(llm.engine.device)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
-    _sync(llm)
+    synchronize(llm.engine.device)
     seconds = time.perf_counter() - t0
     steps, engine.step_log = engine.step_log, None
     return seconds, outs, steps
@@ -110,11 +110,6 @@ def start_decoding(llm: LLM, batch: int, input_len: int, new_tokens: int, sampli
     sched = engine.scheduler
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()
-
-
-def _sync(llm: LLM) -> None:
-    if llm.engine.device.type == "cuda":
-        torch.cuda.synchronize(llm.engine.device)
 
 
 def decode_stats(costs: StepCosts, steps: list[StepRecord], rates: DeviceRates) -> dict[str, Any]:
@@ -224,7 +219,7 @@ def hf_throughput(llm: LLM, reqs: list[BenchRequest], batch_size: int) -> dict[s
             out = model.generate(**ids, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
                                  pad_token_id=0, eos_token_id=None)
         num_out += (out.shape[1] - ids["input_ids"].shape[1]) * len(chunk)
-    _sync(llm)
+    synchronize(llm.engine.device)
     seconds = time.perf_counter() - t0
     del model
     gc.collect()

@@ -12,6 +12,12 @@ from collections.abc import Callable
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's work (a no-op on the CPU, where work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 30, warmup: int = 10,
             setup: Callable[[], object] | None = None, back_to_back: bool = False) -> float:
     """Median milliseconds of `iters` calls of fn() after `warmup` untimed ones.

@@ -7,12 +7,13 @@
 #   transfer  KV block transfer alternatives (UVA kernel, per-row, per-block, staged DMA) and overlap
 #   tier      the engine's CPU tier: reload/store rates, overlap with a forward, TTFT of a CPU hit
 #   multiturn multi-turn conversations with the CPU tier on and off
+#   expansion Pie: decode step at far fractions 0-16% of the KV (CPU tier over PCIe), beside the model
 #   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512, and sampled
 # SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-out}
-SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn"}
+SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn expansion"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
@@ -53,6 +54,13 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
     python3 benchmarks/profile_forward.py --batch 256 --input-len 512 --out "$OUT/profile_256x512.json" || echo "PROFILE FAILED rc=$?"
     python3 benchmarks/profile_forward.py --batch 64 --input-len 2048 --temperature 1.0 \
         --out "$OUT/profile_64x2048_sampled.json" || echo "PROFILE FAILED rc=$?"
+  fi
+  if want expansion; then
+    echo "== Pie: far fraction sweep"
+    python3 -m kvtier.cli bench expansion --model llama3-8b --load-format dummy --skip-tokenizer-init \
+        --max-model-len 4096 --max-num-seqs 64 --max-num-batched-tokens 16384 --kv-offloading-size 24 \
+        --kv-expansion 0.16 --batch 64 --input-len 2048 --steps 20 ${EXPANSION_ARGS:-} \
+        --output-json "$OUT/expansion.json" --plot "$OUT/expansion.png" || echo "EXPANSION FAILED rc=$?"
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"

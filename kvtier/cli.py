@@ -240,6 +240,32 @@ def _add_bench(sub) -> None:
     tp.set_defaults(func=cmd_bench_throughput)
     _add_bench_multiturn(bsub)
     _add_bench_serve(bsub)
+    _add_bench_expansion(bsub)
+
+
+def cmd_bench_expansion(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.cli import run_bench_expansion
+    return run_bench_expansion(args)
+
+
+def _add_bench_expansion(bsub) -> None:
+    ex = bsub.add_parser("expansion", help="Pie: decode step time against the far fraction of the KV",
+                         description="Prefills --batch random prompts, then for each far fraction (increasing) "
+                                     "moves the running requests' oldest KV blocks to the CPU tier and times the "
+                                     "decode step, beside the layer pipeline's prediction; reports the knee (the "
+                                     "largest fraction within 3%% of none far). Build the engine with "
+                                     "--kv-expansion at the largest fraction and a CPU tier that holds the batch.")
+    ex.add_argument("--batch", type=int, default=64, help="requests decoding together")
+    ex.add_argument("--input-len", type=int, default=2048, help="prompt tokens of each")
+    ex.add_argument("--fractions", default="0,0.01,0.02,0.04,0.08,0.16",
+                    help="far fractions to time, comma-separated, starting at 0")
+    ex.add_argument("--steps", type=int, default=20, help="decode steps timed per fraction (median)")
+    ex.add_argument("--controller-steps", type=int, default=150,
+                    help="decode steps the adaptive controller runs from 0 after the sweep")
+    ex.add_argument("--output-json", default=None, help="write the results here")
+    ex.add_argument("--plot", default=None, help="write a PNG of step time against fraction here")
+    add_engine_args(ex, positional_model=False)
+    ex.set_defaults(func=cmd_bench_expansion)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -17,6 +17,9 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_POLICIES = ("write-back", "write-through")
+# --kv-expansion adaptive: the far share the controller may reach (sizes the staging ring: at Llama-3-8B's
+# 32 layers, a ring of 2 layers' worth of far blocks costs ~2% of the GPU KV memory)
+ADAPTIVE_MAX_FRACTION = 0.25
 ATTENTION_BACKENDS = ("torch", "triton")
 
 
@@ -68,6 +71,10 @@ class EngineConfig:
     cpu_threads: int | None = None
     # schedule step N+1 while step N runs (sampled ids stay on the device); None = on with a GPU
     async_scheduling: bool | None = None
+    # Pie: "off", "adaptive" (a controller sizes the far share online from measured decode steps),
+    # or a fixed fraction in [0, 1) of each running request's full blocks kept only in the CPU tier
+    # and brought to the GPU layer by layer each step (experiments); needs the CPU tier and prefix caching
+    kv_expansion: str = "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -91,9 +98,37 @@ class EngineConfig:
             raise ConfigError(f"kv_offloading_size={self.kv_offloading_size!r} must be a number of GiB >= 0 "
                               "(0 turns the CPU tier off)")
         _choice("kv_offloading_policy", self.kv_offloading_policy, OFFLOAD_POLICIES)
+        self._validate_expansion()
         for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+
+    @property
+    def kv_expansion_fraction(self) -> float:
+        """The largest far share of --kv-expansion (0.0 when off; adaptive: the controller's cap)."""
+        if self.kv_expansion == "adaptive":
+            return ADAPTIVE_MAX_FRACTION
+        return 0.0 if self.kv_expansion == "off" else float(self.kv_expansion)
+
+    def _validate_expansion(self) -> None:
+        if self.kv_expansion == "off":
+            return
+        if self.kv_expansion == "adaptive":
+            self._expansion_needs_tier()
+            return
+        try:
+            fraction = float(self.kv_expansion)
+        except (TypeError, ValueError):
+            fraction = -1.0
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"invalid kv_expansion {self.kv_expansion!r}; give 'off', 'adaptive' or a far "
+                              "fraction in [0, 1), e.g. 0.08")
+        self._expansion_needs_tier()
+
+    def _expansion_needs_tier(self) -> None:
+        if self.kv_offloading_size <= 0 or not self.enable_prefix_caching:
+            raise ConfigError("kv_expansion keeps far blocks in the CPU tier and finds their copies by "
+                              "prefix hash: set --kv-offloading-size (GiB) and keep --enable-prefix-caching")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

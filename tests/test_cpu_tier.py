@@ -318,7 +318,9 @@ def test_operations_without_a_handler_fail_before_anything_moves():
                        (Recompute("r", (0, 16)), "not executed yet"),
                        (dataclasses.replace(store, layers=(1, 3)), "layers must be"),
                        (dataclasses.replace(store, stage=Stage.PER_LAYER), "names its layers"),
-                       (dataclasses.replace(store, ephemeral=True), "permanent blocks")]:
+                       (dataclasses.replace(store, ephemeral=True), "into the staging ring"),
+                       (Move(Tier.CPU, Tier.GPU, Kind.KV, ((0, 0),), Stage.PER_LAYER, ephemeral=True),
+                        "--kv-expansion")]:
         with pytest.raises((NotImplementedError, ValueError), match=match):
             run_plan(eng, TransferPlan(0, (store, bad)))
         assert not cpu.any(), "nothing was issued"

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvtier.offload.expansion import ExpansionController, transparent_fraction
+from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController, pipelined_step_seconds, transparent_fraction
 
 # Llama-3-8B at batch 64 x 2048 on the H200 (design.md): weights, KV, device and link rates
 WEIGHTS, KV, DEVICE_BW = 16.06e9, 17.18e9, 4.21e12
@@ -75,3 +75,36 @@ def test_a_controller_that_does_not_cut_fails_the_bounds():
 def test_reference_must_be_positive():
     with pytest.raises(ValueError, match="reference"):
         ExpansionController().update(0.01, 0.0)
+
+
+def test_pipelined_step_is_the_compute_below_the_knee_and_the_link_above():
+    """32 layers of 0.3 ms; far bytes per layer under 0.3 ms of link: only the first layer's load
+    shows; well over: the link sets the pace (every load, then the last layer's compute)."""
+    t, layers, link = 9.6e-3, 32, 50e9
+    assert pipelined_step_seconds(t, layers, 0.0, link) == t
+    small = 0.1e-3 * link * layers  # 0.1 ms of link a layer
+    assert pipelined_step_seconds(t, layers, small, link) == pytest.approx(t + 0.1e-3)
+    big = 1e-3 * link * layers  # 1 ms a layer: loads back to back
+    assert pipelined_step_seconds(t, layers, big, link) == pytest.approx(layers * 1e-3 + t / layers)
+    # a deeper ring cannot make it slower, and the transparent fraction's bytes cost about one layer's load
+    assert pipelined_step_seconds(t, layers, small, link, depth=3) <= pipelined_step_seconds(t, layers, small, link)
+
+
+def test_pipelined_step_ring_reuse_waits_for_the_reader():
+    """depth 0 (one entry): layer i's load waits for layer i - 1's compute, so nothing overlaps."""
+    t, layers, link = 3.2e-3, 32, 50e9
+    per_layer = 0.1e-3 * link * layers
+    assert pipelined_step_seconds(t, layers, per_layer, link, depth=0) == pytest.approx(t + layers * 0.1e-3)
+
+
+def test_adaptive_reference_follows_the_bytes_a_step_reads():
+    """The reference is the median time per byte of steps with nothing far, times this step's
+    bytes: a step that reads twice the bytes in twice the time is not a slowdown."""
+    tracker = AdaptiveExpansion(ExpansionController(), weight_bytes=1e9)
+    for _ in range(4):
+        assert tracker.observe(0.010, 0, 1e9) == 0.0 or tracker.reference_ready
+    before = tracker.controller.fraction
+    tracker.observe(0.020, 5, 3e9)  # (1 + 3) / (1 + 1) = 2x the bytes, 2x the time: on time
+    assert tracker.controller.fraction > before
+    tracker.observe(0.030, 5, 3e9)  # 50% slower than its reference: a cut (3 x epsilon)
+    assert tracker.controller.fraction < 2 * before and not tracker.controller.probing

@@ -212,9 +212,11 @@ def test_launchers_never_sync(monkeypatch):
 
 
 def test_num_decode_splits_heuristic():
-    assert ta.num_decode_splits(64, 8, 2048, 132) == 2
+    assert ta.num_decode_splits(64, 8, 2048, 132) == 1  # 512 programs: the reduce kernel would cost more
+    assert ta.num_decode_splits(16, 8, 2048, 132) == 3
     assert ta.num_decode_splits(8, 8, 512, 132) == 4
-    assert ta.num_decode_splits(1, 8, 32768, 132) == ta.DECODE_MAX_SPLITS
+    assert ta.num_decode_splits(1, 8, 32768, 132) == 33
+    assert ta.num_decode_splits(1, 1, 1 << 20, 132) == ta.DECODE_MAX_SPLITS  # one KV head: 264 wanted
     assert ta.num_decode_splits(256, 8, 4096, 132) == 1
     assert ta.num_decode_splits(4, 8, 100, 132) == 1  # short contexts are not split
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any
 
 from kvtier.benchmarks.datasets import random_requests, sharegpt_requests
@@ -54,6 +55,23 @@ def run_bench_multiturn(args: argparse.Namespace) -> int:
     from kvtier.benchmarks.multiturn import MultiturnConfig, run_multiturn
     cfg = MultiturnConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MultiturnConfig)})
     run_multiturn(cfg, engine_kwargs(args))
+    return 0
+
+
+def run_bench_expansion(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.expansion import ExpansionBenchConfig, plot_points, print_points, run_sweep
+    from kvtier.entrypoints.llm import LLM
+    cfg = ExpansionBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpansionBenchConfig)})
+    cfg.fraction_list()  # a clear error before the engine is built
+    llm = LLM(**engine_kwargs(args))
+    result = run_sweep(llm, cfg)
+    result["command"] = " ".join(["kvtier", *sys.argv[1:]])
+    if cfg.output_json:
+        with open(cfg.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    if cfg.plot:
+        plot_points(result, cfg.plot)
+    print_points(result)
     return 0
 
 

@@ -14,6 +14,10 @@ With a CPU tier (`num_cpu_blocks > 0`) a cached block may live on the GPU, on th
 - swap: when the `SwapPolicy` says it pays, a preempted request's computed blocks (the partial
   last one too) go to CPU blocks that the request holds while it waits; when it resumes they are
   loaded back.
+- far-resident blocks (Pie, `--kv-expansion`): a running request's oldest full blocks may live
+  on the CPU only (`req_far`); its block table then holds FAR_BLOCK_ID for them, and each step
+  the worker brings them into a GPU staging ring layer by layer, where the attention reads them.
+  A block goes far once a CPU copy of it has landed (write-through made one, or a store here).
 The copies themselves are only recorded here, as typed `Move`s of a `TransferPlan`
 (kvtier/cache/transfers.py); the runner's transfer engine issues them. Who holds a CPU block:
 swapped requests (one reference each) and in-flight copies.
@@ -41,6 +45,7 @@ class PrefixHit:
 
 
 NO_HIT = PrefixHit([], [], 0)
+FAR_BLOCK_ID = 0  # a far block's entry in a block table: never read (the attention reads the ring)
 
 
 class KVCacheManager:
@@ -60,6 +65,12 @@ class KVCacheManager:
         self.req_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the pool
         self.swapped: dict[str, tuple[list[Block], int]] = {}  # request id -> (CPU blocks, tokens)
+        # Pie: each running request's far prefix (CPU blocks of its first blocks); at most
+        # max_far_blocks in all (the staging ring's slots), far_fraction of each request's full blocks
+        self.req_far: dict[str, list[Block]] = {}
+        self.far_fraction = 0.0
+        self.max_far_blocks = 0
+        self.far_changed: set[str] = set()  # requests whose far prefix grew since their last plan
         self.moves = MoveBuilder()  # the copies of the step being planned
         self.pending = PendingTransfers()
         self.prefix_queries = 0  # prompt tokens of admitted requests
@@ -121,7 +132,7 @@ class KVCacheManager:
         if hit is None and self._fits_held_blocks(request, num_new_tokens):
             return True  # the common decode step: room in the last block, no block newly full
         hit = hit or NO_HIT
-        held = self.req_blocks.get(request.request_id, [])
+        held = self.req_block_ids.get(request.request_id, [])  # far blocks included
         num_computed = request.num_computed_tokens + hit.num_tokens
         num_new_blocks = self.blocks_needed(num_computed + num_new_tokens) - len(held) - len(hit.gpu)
         reclaimed = sum(1 for b in hit.gpu if b.ref_cnt == 0)  # leave the free queue on touch
@@ -169,10 +180,12 @@ class KVCacheManager:
             return
         hashes = self._hashes(request)
         blocks = self.req_blocks[request.request_id]
+        num_far = self.num_far(request.request_id)
+        assert done >= num_far, "a far block is always a cached one"
         for i in range(done, min(num_full, len(hashes))):
-            if (self.pool.cache_block(blocks[i], hashes[i]) and self.cpu_pool is not None
+            if (self.pool.cache_block(blocks[i - num_far], hashes[i]) and self.cpu_pool is not None
                     and self.demotion.store_when_full and self.cpu_pool.lookup(hashes[i]) is None):
-                self._store(blocks[i], self.demotion.store_stage)
+                self._store(blocks[i - num_far], self.demotion.store_stage)
         self.req_num_cached[request.request_id] = min(num_full, len(hashes))
 
     # -- the CPU tier ---------------------------------------------------------------------------
@@ -207,7 +220,8 @@ class KVCacheManager:
         num_tokens = request.num_computed_tokens
         if self.cpu_pool is None or num_tokens == 0 or not self.swap_policy.swap_pays(num_tokens):
             return False
-        blocks = self.req_blocks.get(request.request_id, [])[:self.blocks_needed(num_tokens)]
+        num_far = self.num_far(request.request_id)  # on the CPU already: they stay, held as swapped
+        blocks = self.req_blocks.get(request.request_id, [])[:self.blocks_needed(num_tokens) - num_far]
         on_cpu = [self.cpu_pool.lookup(b.block_hash) if b.block_hash is not None else None for b in blocks]
         reclaimed = sum(1 for c in on_cpu if c is not None and c.ref_cnt == 0)
         if sum(1 for c in on_cpu if c is None) > self.cpu_pool.num_free_blocks - reclaimed:
@@ -221,7 +235,7 @@ class KVCacheManager:
                 self.cpu_pool.touch([cpu_block])  # the request's own reference
             cpu_blocks.append(cpu_block)
         self._free_gpu(request)
-        self.swapped[request.request_id] = (cpu_blocks, num_tokens)
+        self.swapped[request.request_id] = (self.req_far.pop(request.request_id, []) + cpu_blocks, num_tokens)
         self.num_swaps_out += 1
         return True
 
@@ -236,6 +250,82 @@ class KVCacheManager:
     def complete_transfers(self, step_id: int) -> None:
         self.pending.complete(step_id)
 
+    # -- far-resident blocks (Pie) ----------------------------------------------------------------
+
+    def num_far(self, request_id: str) -> int:
+        return len(self.req_far.get(request_id, ()))
+
+    def far_block_ids(self, request_id: str) -> tuple[int, ...]:
+        """CPU block ids of the request's far prefix, in position order."""
+        return tuple(b.block_id for b in self.req_far.get(request_id, ()))
+
+    def num_far_blocks(self) -> int:
+        return sum(len(f) for f in self.req_far.values())
+
+    def rebalance_far(self, request: Request) -> None:
+        """Bring the request's far prefix to far_fraction of its computed full blocks (within
+        max_far_blocks in all): its oldest blocks go far, or, when the fraction fell, its newest far
+        ones come back (a load before the step, into fresh GPU blocks while there are free ones)."""
+        if self.cpu_pool is None or (self.far_fraction <= 0 and request.request_id not in self.req_far):
+            return
+        far = self.req_far.get(request.request_id, [])
+        target = int(self.far_fraction * (request.num_computed_tokens // self.block_size))
+        target = min(target, len(far) + self.max_far_blocks - self.num_far_blocks())
+        if target < len(far):
+            self._bring_near(request.request_id, len(far) - target)
+        else:
+            self._send_far(request.request_id, target)
+
+    def _send_far(self, request_id: str, target: int) -> None:
+        """A block goes far once a CPU copy of it has landed: its GPU block is released and the CPU
+        copy held instead. A block without a CPU copy gets a store beside later steps, and goes
+        far in a step after that store completes."""
+        cpu_pool = self._cpu
+        far = self.req_far.get(request_id, [])
+        in_flight: dict[int, int] | None = None
+        while len(far) < target:
+            block = self.req_blocks[request_id][0]
+            cpu_block = cpu_pool.lookup(block.block_hash) if block.block_hash is not None else None
+            if cpu_block is None:
+                self._store(block, Stage.AFTER)
+                return
+            in_flight = in_flight if in_flight is not None else self.pending.refs(cpu_pool)
+            if cpu_block.block_id in in_flight:
+                return  # its copy is still on the way
+            cpu_pool.touch([cpu_block])
+            far.append(cpu_block)
+            self.req_far[request_id] = far
+            self.req_blocks[request_id].pop(0)
+            self.req_block_ids[request_id][len(far) - 1] = FAR_BLOCK_ID
+            self.pool.free([block])
+            self.far_changed.add(request_id)
+
+    def _bring_near(self, request_id: str, count: int) -> None:
+        """The request's `count` newest far blocks back on the GPU: shared where the GPU still caches
+        them, else loaded before the step into fresh blocks cached under their hashes (while there
+        are free ones); the CPU copies stay cached there."""
+        far = self.req_far[request_id]
+        for _ in range(count):
+            cpu_block = far[-1]
+            gpu_block = self.pool.lookup(cpu_block.block_hash) if cpu_block.block_hash is not None else None
+            if gpu_block is not None:
+                self.pool.touch([gpu_block])
+            elif self.pool.num_free_blocks > 0:
+                gpu_block = self.pool.allocate(1)[0]
+                self.pending.protect(self._cpu, cpu_block)  # the load's reference
+                self.moves.add(Tier.CPU, Tier.GPU, Stage.BEFORE, cpu_block.block_id, gpu_block.block_id)
+                if cpu_block.block_hash is not None:
+                    self.pool.cache_block(gpu_block, cpu_block.block_hash)
+            else:
+                break
+            far.pop()
+            self._cpu.free([cpu_block])  # the request's reference
+            self.req_blocks[request_id].insert(0, gpu_block)
+            self.req_block_ids[request_id][len(far)] = gpu_block.block_id
+            self.far_changed.add(request_id)
+        if not far:
+            del self.req_far[request_id]
+
     # -- release and inspection -----------------------------------------------------------------
 
     def block_ids(self, request_id: str) -> list[int]:
@@ -245,6 +335,9 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks in both tiers, tail first (see BlockPool.free)."""
         self._free_gpu(request)
+        far = self.req_far.pop(request.request_id, None)
+        if far:
+            self._cpu.free(reversed(far))
         swapped = self.swapped.pop(request.request_id, None)
         if swapped is not None:
             self._cpu.free(reversed(swapped[0]))
@@ -253,6 +346,7 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_num_cached.pop(request.request_id, None)
         self.req_block_ids.pop(request.request_id, None)
+        self.far_changed.discard(request.request_id)
         self.pool.free(reversed(blocks))
 
     def forget_uncomputed(self, request: Request) -> None:
@@ -261,7 +355,7 @@ class KVCacheManager:
         them (and a write-through copy of them may hold the same garbage); a retry registers
         them again once computed."""
         first = request.num_computed_tokens // self.block_size
-        for block in self.req_blocks.get(request.request_id, [])[first:]:
+        for block in self.req_blocks.get(request.request_id, [])[max(0, first - self.num_far(request.request_id)):]:
             if block.block_hash is not None and self.cpu_pool is not None:
                 cpu_block = self.cpu_pool.lookup(block.block_hash)
                 if cpu_block is not None:
@@ -278,8 +372,8 @@ class KVCacheManager:
         return sum(len(b) for b in self.req_blocks.values())
 
     def num_held_cpu_blocks(self) -> int:
-        """CPU blocks held by swapped requests."""
-        return sum(len(b) for b, _ in self.swapped.values())
+        """CPU blocks held by swapped requests and as running requests' far blocks."""
+        return sum(len(b) for b, _ in self.swapped.values()) + self.num_far_blocks()
 
     def tier_stats(self) -> dict[str, int | float]:
         """Per-tier gauges and counters (the CPU tier's are zero while it is off)."""
@@ -289,6 +383,7 @@ class KVCacheManager:
                 "num_held_blocks_gpu": self.num_held_blocks(), "num_held_blocks_cpu": self.num_held_cpu_blocks(),
                 "prefix_hit_tokens_gpu_total": self.prefix_hits, "prefix_hit_tokens_cpu_total": self.prefix_hits_cpu,
                 "blocks_to_cpu_total": self.num_blocks_to_cpu, "blocks_to_gpu_total": self.num_blocks_to_gpu,
+                "num_far_blocks": self.num_far_blocks(),
                 "num_swaps_out_total": self.num_swaps_out, "num_swaps_in_total": self.num_swaps_in,
                 "num_demotions_total": self.num_demotions,
                 "num_dropped_demotions_total": self.num_dropped_demotions,
@@ -300,7 +395,9 @@ class KVCacheManager:
         (GPU), a swapped request (CPU) or an in-flight copy (either)."""
         refs: dict[int, int] = self.pending.refs(self.pool)
         for request_id, blocks in self.req_blocks.items():
-            assert self.req_block_ids[request_id] == [b.block_id for b in blocks], "stale block table"
+            num_far = self.num_far(request_id)
+            assert self.req_block_ids[request_id] == [FAR_BLOCK_ID] * num_far + [b.block_id for b in blocks], (
+                "stale block table")
             for b in blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         _check_refs(self.pool, refs, "GPU")
@@ -310,6 +407,11 @@ class KVCacheManager:
                 assert len(blocks) == self.blocks_needed(num_tokens), "swapped blocks do not cover the tokens"
                 for b in blocks:
                     cpu_refs[b.block_id] = cpu_refs.get(b.block_id, 0) + 1
+            for request_id, far in self.req_far.items():
+                assert request_id in self.req_blocks and far, "a far prefix of a request holding no GPU blocks"
+                for b in far:
+                    cpu_refs[b.block_id] = cpu_refs.get(b.block_id, 0) + 1
+            assert self.num_far_blocks() <= self.max_far_blocks, "more far blocks than the staging ring holds"
             _check_refs(self.cpu_pool, cpu_refs, "CPU")
 
 

@@ -15,7 +15,8 @@ outside it, so each batch size is captured as one graph per layer group ("segmen
 model's before_layer hooks, sharing the pool: a segment's output is the next one's input), and
 the replay runs the step's hooks at segment bounds (kvtier/ops/attention.py's LayerHooks): before
 segment g, before_layer of each of its layers (which waits for group g's loads), after it
-after_layer of each. Without the tier there is one segment.
+after_layer of each. Without the tier there is one segment. With far blocks (Pie) there is one
+segment per layer, and the graphs read each sequence's far prefix from static buffers (zeros: none).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, LayerHooks
+from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, FarPrefix, LayerHooks
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, kv_caches: list, max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device, segment_starts: list[int] | None = None):
+                 block_size: int, device: torch.device, segment_starts: list[int] | None = None,
+                 far: bool = False):
         self.model, self.kv_caches, self.device = model, kv_caches, device
         self.segment_starts = segment_starts or [0]  # first layer of each segment
         self.segment_ends = [first - 1 for first in self.segment_starts[1:]] + [len(kv_caches) - 1]  # last layers
@@ -51,13 +53,19 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Pie: each row's far blocks and first ring slot (FarPrefix); None without far blocks
+        self.far = (torch.zeros(n, dtype=torch.int64, device=device), torch.zeros(n, dtype=torch.int64, device=device)
+                    ) if far else None
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # size -> its segments
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
+        meta = AttentionMetadata(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
                                  self.query_start_loc[:size + 1], 1, self.max_model_len)
+        if self.far is not None:
+            meta.far = FarPrefix(self.far[0][:size], self.far[1][:size])
+        return meta
 
     def _forward(self, size: int, meta: AttentionMetadata | None = None) -> torch.Tensor:
         meta = meta or self._meta(size)
@@ -97,6 +105,14 @@ class DecodeGraphs:
         segments[-1].capture_end()
         return logits, segments
 
+    def _copy_far(self, far: FarPrefix | None, n: int) -> None:
+        for buffer, values in zip(self.far, (far.far_blocks, far.ring_start) if far is not None else (None, None)):
+            if values is None:
+                buffer[:n].zero_()
+            else:
+                buffer[:n].copy_(values, non_blocking=True)
+            buffer[n:].zero_()
+
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
@@ -114,6 +130,8 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if self.far is not None:
+            self._copy_far(meta.far, n)
         if hooks is NO_HOOKS:  # most decode steps: nothing moves between tiers
             for segment in self.graphs[size]:
                 segment.replay()

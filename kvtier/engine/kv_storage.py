@@ -74,6 +74,13 @@ class KVStorage:
         rows = (num_blocks, spec.num_layers, spec.num_parts, spec.row_elements)
         return torch.empty(rows, dtype=spec.torch_dtype(), device=self.device)
 
+    def staging_ring(self, num_entries: int, num_slots: int) -> torch.Tensor:
+        """Pie's staging ring: (entries, slots, parts, row elements) in the GPU tier's dtype. Layer i
+        reads entry i % entries; slot s of an entry holds one far block's K and V of that layer."""
+        spec = self.specs[Tier.GPU]
+        rows = (num_entries, num_slots, spec.num_parts, spec.row_elements)
+        return torch.zeros(rows, dtype=spec.torch_dtype(), device=self.device)
+
     @property
     def cpu_blocks_per_chunk(self) -> int:
         """CPU blocks per pinned registration: one DMA copy never spans two."""

@@ -8,6 +8,8 @@ CUDA graph replayed in segments calls them for every layer of a segment before a
                      layers' at the start), then make the compute stream wait for every copy
                      that layers <= i read: BEFORE stores (at layer 0), BEFORE loads per layer
                      group, PER_LAYER loads per layer range
+                     and (Pie) the staging-ring load of layer i + d's far blocks, after the layer
+                     that last read its ring entry (i - 1)
     after_layer(i)   issue the PER_LAYER stores of ranges ending at layer i (what the layer wrote)
     finish()         wait for whatever is left, then issue the AFTER moves (write-through), which
                      nothing in the step waits for
@@ -38,8 +40,12 @@ class LayerPipeline:
         self._waited = 0  # layers [0, _waited) are waited for
         self._loads_at: dict[int, list[Move]] = {}  # layer -> PER_LAYER loads issued before it
         self._stores_at: dict[int, list[Move]] = {}  # layer -> PER_LAYER stores issued after it
+        self._ring_runs: list[tuple[int, int, int]] = []  # Pie: the far blocks' DMA runs, every layer
+        self._ring_next = 0  # the next layer whose ring load is to be issued
         for op in plan.operations:
-            if isinstance(op, Move) and op.stage is Stage.PER_LAYER:
+            if isinstance(op, Move) and op.ephemeral:  # checked by the engine: the staging ring
+                self._ring_runs += engine.ring_runs(op.block_pairs)
+            elif isinstance(op, Move) and op.stage is Stage.PER_LAYER:
                 assert op.layers is not None  # checked by the engine's handler lookup
                 if op.dst is Tier.GPU:  # a load: layer layers[0] reads it
                     self._loads_at.setdefault(max(0, op.layers[0] - engine.prefetch_depth), []).append(op)
@@ -56,6 +62,8 @@ class LayerPipeline:
             self._waits[layer].append(event)
 
     def before_layer(self, layer: int) -> None:
+        if self._ring_runs:
+            self._issue_ring(layer)
         for move in self._loads_at.pop(layer, ()):
             self.engine.issue(move, self)
         self._wait_through(layer + 1)
@@ -74,6 +82,21 @@ class LayerPipeline:
         self._wait_through(len(self._waits))
         self._issue_stage(Stage.AFTER)
         self.engine.step_done(self.plan.step_id)
+
+    def _issue_ring(self, layer: int) -> None:
+        """Ring loads through layer + depth: the load stream first waits for the compute stream, as
+        far as it is issued (layers < `layer`), since layer + depth's entry is layer - 1's."""
+        engine = self.engine
+        assert engine.ring is not None
+        last = min(layer + engine.ring.shape[0] - 1, engine.num_layers - 1)
+        if self._ring_next > last:
+            return
+        engine.wait_for_compute()
+        while self._ring_next <= last:
+            end = engine.load_ring_layer(self._ring_runs, self._ring_next, self.flight)
+            if end is not None:
+                self.wait_before(self._ring_next, end)
+            self._ring_next += 1
 
     def _wait_through(self, num_layers: int) -> None:
         if num_layers <= self._waited:

@@ -15,7 +15,14 @@ import torch
 
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.storage import StorageSpec, Tier
-from kvtier.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, GiB, default_cpu_threads
+from kvtier.config import (
+    ADAPTIVE_MAX_FRACTION,
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    ConfigError,
+    EngineConfig,
+    GiB,
+    default_cpu_threads,
+)
 from kvtier.engine.host_kv_pool import HostKVPool
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY
@@ -24,6 +31,7 @@ from kvtier.engine.transfer_engine import STAGING_BYTES
 from kvtier.engine.worker import StepFuture, Worker
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
+from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
 from kvtier.offload.policies import ALWAYS_SWAP, DEMOTION_POLICIES, CostModelSwap
 from kvtier.ops.kernel_variants import num_compiled_variants
@@ -101,6 +109,7 @@ class LLMEngine:
         if kv.host is not None:
             logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", kv.host.num_blocks,
                         kv.host.num_blocks * kv.host.block_bytes / GiB, ", pinned" if kv.host.pinned else "")
+        num_far_slots = self._enable_far(num_blocks)  # before the graphs: they read the ring
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
             self.worker.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
@@ -109,6 +118,14 @@ class LLMEngine:
                                        self.worker.num_blocks(Tier.CPU),
                                        DEMOTION_POLICIES[config.kv_offloading_policy],
                                        CostModelSwap(self.swap_cost) if self.swap_cost else ALWAYS_SWAP)
+        self.kv_cache.far_fraction, self.kv_cache.max_far_blocks = config.kv_expansion_fraction, num_far_slots
+        # --kv-expansion adaptive: the far share follows measured decode steps (from none far)
+        self.expansion: AdaptiveExpansion | None = None
+        if config.kv_expansion == "adaptive":
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            self.expansion = AdaptiveExpansion(ExpansionController(max_fraction=ADAPTIVE_MAX_FRACTION), weights)
+            self.kv_cache.far_fraction = 0.0
+        self._timed_steps: collections.deque[tuple[Any, Any, float, int, int]] = collections.deque()
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -158,6 +175,20 @@ class LLMEngine:
                               f"give --kv-cache-memory at least {self._kv_memory_for(cfg.block_size)}, or raise "
                               "--gpu-memory-utilization")
         return num_blocks
+
+    def _enable_far(self, num_blocks: int) -> int:
+        """Pie (--kv-expansion FRACTION): the staging ring, sized for the most far blocks a step can
+        read: FRACTION of the running requests' blocks, of which the GPU holds the rest."""
+        fraction = self.config.kv_expansion_fraction
+        if fraction <= 0:
+            return 0
+        per_seq = -(-self.max_model_len // self.config.block_size)
+        slots = max(1, min(int(fraction / (1 - fraction) * num_blocks) + 1,
+                           int(fraction * per_seq) * self.config.max_num_seqs))
+        ring_bytes = self.worker.enable_far(slots)
+        logger.info("kvtier: KV expansion %.3f, staging ring of %d far blocks (%.1f MiB)", fraction, slots,
+                    ring_bytes / 2**20)
+        return slots
 
     def _num_cpu_blocks(self) -> int:
         """The CPU tier's blocks (--kv-offloading-size GiB of its own spec's blocks); 0 when off."""
@@ -330,7 +361,7 @@ class LLMEngine:
         newest one running while the next is planned) or this one."""
         step = _IssuedStep(self.scheduler.schedule(only), time.perf_counter())
         self._inflight.append(step)  # before it is issued: a failure rolls it back
-        self.worker.time_steps = self.step_log is not None
+        self.worker.time_steps = self.step_log is not None or self.expansion is not None
         step.future = self.worker.execute_async(step.plan)
         keep = 1 if self.async_scheduling and only is None and not step.plan.is_empty else 0
         outputs = []
@@ -348,11 +379,31 @@ class LLMEngine:
         if result is None:
             raise RuntimeError("a step was listed but never issued")
         self._settle_transfers()
+        if self.expansion is not None:
+            self._observe_expansion(step)
         updated = self.scheduler.update_from_output(step.plan, result)
         outputs = self.output_processor.outputs(self._apply_tokens(updated, result.sampled), final_only)
         if self.step_log is not None and not step.plan.is_empty:
             self._record_step(step)
         return outputs
+
+    def _observe_expansion(self, step: _IssuedStep) -> None:
+        """Adaptive expansion: each decode step's device time (CUDA events, read once complete: no
+        sync; the host's clock on the CPU) goes to the controller, whose fraction the cache
+        manager then follows."""
+        assert self.expansion is not None
+        plan, future = step.plan, step.future
+        if plan.is_empty or plan.num_batched_tokens != len(plan.scheduled) or future is None:
+            return  # decode steps only: a prefill's time says nothing about the far share
+        far = sum(len(s.far_block_ids) for s in plan.scheduled)
+        kv_bytes = sum(s.start_pos + 1 for s in plan.scheduled) * self.kv_spec.bytes_per_token
+        seconds = time.perf_counter() - step.issued
+        self._timed_steps.append((future.device_start, future.device_end, seconds, far, kv_bytes))
+        while self._timed_steps and (self._timed_steps[0][1] is None or self._timed_steps[0][1].query()):
+            start, end, seconds, far, kv_bytes = self._timed_steps.popleft()
+            if end is not None:
+                seconds = start.elapsed_time(end) / 1e3
+            self.kv_cache.far_fraction = self.expansion.observe(seconds, far, kv_bytes)
 
     def _abandon_inflight(self) -> list[str]:
         """After a failure: the issued steps whose tokens were not taken are undone (async
@@ -466,5 +517,6 @@ class LLMEngine:
                "num_preemptions_total": sched.num_preemptions,
                "prefix_query_tokens_total": kv.prefix_queries}
         out.update(kv.tier_stats())
+        out["kv_expansion_fraction"] = kv.far_fraction
         out.update(self.worker.stats())
         return out

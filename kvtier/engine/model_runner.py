@@ -17,7 +17,7 @@ from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.sampler import DeviceSample, Sampler
 from kvtier.models.attention_backends import make_attention_backend
 from kvtier.models.config import ModelConfig
-from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, LayerHooks
+from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, FarPrefix, LayerHooks
 from kvtier.scheduler.output import PLACEHOLDER_TOKEN_ID, ScheduledRequest, SchedulerOutput
 
 # A step whose longest query has at most this many tokens, over a context of at least
@@ -40,6 +40,9 @@ class ModelInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (S,) rows of the hidden states to sample from
     sample_items: list[ScheduledRequest]
+    # Pie: (CPU block, ring slot) of every far block the step reads; the worker loads them into
+    # the staging ring layer by layer
+    ring_pairs: tuple[tuple[int, int], ...] = ()
 
 
 def default_attention_backend(device: torch.device) -> str:
@@ -68,6 +71,7 @@ class ModelRunner:
             triton_attention.precompile(*self.kv_caches[0], cfg.num_heads)
             model.precompile(kv.gpu.dtype, device)
         self.graphs: DecodeGraphs | None = None
+        self.ring_slots = 0  # Pie's staging ring (attach_ring): far blocks a step may read
         self.sampler = Sampler(device, seed)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
         # Each running request's block table as a numpy row, kept from the plans' diffs
@@ -75,6 +79,18 @@ class ModelRunner:
         self._tables: dict[str, np.ndarray] = {}
         # the last step's sampled ids on the device, and each request's row in them
         self._sampled: tuple[dict[str, int], torch.Tensor | None] = ({}, None)
+
+    def attach_ring(self, ring: torch.Tensor) -> None:
+        """Pie: layer i's attention reads far blocks from ring entry i % entries (ring: KVStorage.staging_ring)."""
+        self.ring_slots = ring.shape[1]
+        k_cache = self.kv_caches[0][0]
+        for i, layer in enumerate(self.model.attention_layers()):
+            entry = ring[i % ring.shape[0]]  # (slots, 2, row)
+            layer.backend.far_kv = tuple(entry[:, part].unflatten(-1, k_cache.shape[1:]) for part in range(2))
+        if self.device.type == "cuda" and self.attention_backend == "triton":  # the far variants, now
+            from kvtier.ops import triton_attention
+            triton_attention.precompile(*self.kv_caches[0], self.cfg.num_heads,
+                                        far_kv=self.model.attention_layers()[0].backend.far_kv)
 
     def update_states(self, plan: SchedulerOutput) -> None:
         """Forget finished and preempted requests, apply the plan's block-table diffs: first in a
@@ -89,7 +105,7 @@ class ModelRunner:
         if self.device.type != "cuda" or self.attention_backend != "triton":
             raise ValueError("CUDA graphs need a CUDA device and the Triton attention backend")
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len,
-                                   self.block_size, self.device, segment_starts)
+                                   self.block_size, self.device, segment_starts, far=self.ring_slots > 0)
         self.graphs.capture()
 
     def execute_model(self, inputs: ModelInputs, hooks: LayerHooks = NO_HOOKS) -> DeviceSample | None:
@@ -149,6 +165,9 @@ class ModelRunner:
         per_token = self._per_token_view(query_lens, seq_lens)
         if per_token:
             arrays += [tables[seq_of_token], positions + 1, np.arange(starts[-1] + 1)]
+        far, ring_pairs = self._far_arrays(scheduled)
+        if far:
+            arrays += far + ([far[0][seq_of_token], far[1][seq_of_token]] if per_token else [])
         ids_d, pos_d, slots_d, tables_d, seq_lens_d, starts_d, logits_d, *view = self._to_device(arrays)
         if fill:  # placeholder ids from the last step's draw, device to device
             (fill_at, fill_from), view = view[:2], view[2:]
@@ -159,7 +178,27 @@ class ModelRunner:
             seq_lens_list=seq_lens.tolist(), query_lens_list=query_lens.tolist())
         if per_token:
             meta.per_token = AttentionMetadata(slots_d, view[0], view[1], view[2], 1, meta.max_seq_len)
-        return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample])
+            view = view[3:]
+        if far:
+            meta.far = FarPrefix(view[0], view[1], far[0].tolist(), far[1].tolist())
+            if per_token:
+                meta.per_token.far = FarPrefix(view[2], view[3], far[0][seq_of_token].tolist(),
+                                               far[1][seq_of_token].tolist())
+        return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample], ring_pairs)
+
+    def _far_arrays(self, scheduled: list[ScheduledRequest]) -> tuple[list[np.ndarray], tuple[tuple[int, int], ...]]:
+        """Pie: [far blocks, first ring slot] per sequence and the (CPU block, ring slot) pairs of
+        the step's far blocks, slots given out in batch order; ([], ()) when nothing is far."""
+        counts = np.fromiter((len(s.far_block_ids) for s in scheduled), np.int64, len(scheduled))
+        if not counts.any():
+            return [], ()
+        if counts.sum() > self.ring_slots:
+            raise RuntimeError(f"{int(counts.sum())} far blocks in one step; the staging ring holds {self.ring_slots}")
+        ring_start = np.zeros(len(scheduled), np.int64)
+        np.cumsum(counts[:-1], out=ring_start[1:])
+        pairs = tuple((cpu_id, int(first) + j) for s, first in zip(scheduled, ring_start)
+                      for j, cpu_id in enumerate(s.far_block_ids))
+        return [counts, ring_start], pairs
 
     def _placeholders(self, scheduled: list[ScheduledRequest], starts: np.ndarray) -> list[np.ndarray]:
         """[token indices, rows of the last draw] of the step's placeholder ids (async scheduling:

@@ -112,9 +112,16 @@ class TransferEngine:
         self.seconds = {"to_cpu": 0.0, "to_gpu": 0.0}
         self.bytes = {"to_cpu": 0, "to_gpu": 0}
         self.num_split_loads = 0  # loads that went layer group by layer group
+        self.ring: torch.Tensor | None = None  # Pie's staging ring (attach_ring), (entries, slots, 2, row)
         self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
+
+    def attach_ring(self, ring: torch.Tensor) -> None:
+        """Pie: far blocks are loaded layer by layer into this ring (KVStorage.staging_ring);
+        layer i's into entry i % entries, so a ring of d + 1 entries prefetches d layers ahead."""
+        self.ring = ring
+        self.prefetch_depth = ring.shape[0] - 1
 
     def _precompile(self) -> None:
         """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
@@ -162,9 +169,14 @@ class TransferEngine:
         if handler is None:
             raise NotImplementedError(f"{op.src.value} -> {op.dst.value}: no handler registered for this "
                                       f"pair of tiers (handled: {[f'{s.value}->{d.value}' for s, d in self.handlers]})")
-        if op.kind is not Kind.KV or op.ephemeral:
-            raise NotImplementedError(f"{op}: the GPU<->CPU handlers move KV blocks into permanent blocks "
-                                      "(staging-slot moves come with the far-tier prefetch)")
+        if op.ephemeral:
+            if not (op.src is Tier.CPU and op.dst is Tier.GPU and op.stage is Stage.PER_LAYER
+                    and op.kind is Kind.KV and op.layers in (None, (0, self.num_layers)) and self.ring is not None):
+                raise NotImplementedError(f"{op}: staging-slot moves are whole-model PER_LAYER CPU -> GPU KV "
+                                          "loads into the staging ring (--kv-expansion)")
+            return handler  # the step's LayerPipeline issues it layer by layer (load_ring_layer)
+        if op.kind is not Kind.KV:
+            raise NotImplementedError(f"{op}: the GPU<->CPU handlers move KV blocks")
         if op.stage is Stage.PER_LAYER and op.layers is None:
             raise ValueError(f"{op}: a per-layer move names its layers")
         if op.layers is not None and not 0 <= op.layers[0] < op.layers[1] <= self.num_layers:
@@ -201,6 +213,46 @@ class TransferEngine:
             load.wait_event(pipeline.stores_end)
         for layers, end in zip(ranges, self._issue("to_gpu", pairs, pipeline.flight, ranges)):
             pipeline.wait_before(layers.start or 0, end)
+
+    def load_ring_layer(self, runs: list[tuple[int, int, int]], layer: int,
+                        flight: _InFlight) -> torch.cuda.Event | None:
+        """One layer of the step's far blocks into ring entry layer % entries: runs are (first ring
+        slot, first CPU block, count), each one 2-D DMA of that layer's rows out of consecutive CPU
+        blocks. On the load stream after what it was told to wait for (wait_for_compute); returns
+        the event that marks its end (None on the CPU, where it has run)."""
+        assert self.ring is not None
+        entry, cpu = self.ring[layer % self.ring.shape[0]], self.cpu_blocks[:, layer]  # (slots, 2, row), (Nc, 2, row)
+        self.bytes["to_gpu"] += sum(n for _, _, n in runs) * self.block_bytes // self.num_layers
+        if not self.on_gpu:
+            for slot, cpu_id, n in runs:
+                entry[slot:slot + n].copy_(cpu[cpu_id:cpu_id + n])
+            return None
+        stream = self.streams["to_gpu"]
+        with torch.cuda.stream(stream):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for slot, cpu_id, n in runs:
+                dma.copy_rows(entry[slot:slot + n], cpu[cpu_id:cpu_id + n])
+            end.record(stream)
+        flight.timed.append(("to_gpu", start, end))
+        return end
+
+    def wait_for_compute(self) -> None:
+        """The load stream waits for the work issued so far on the compute stream."""
+        if self.on_gpu:
+            self.streams["to_gpu"].wait_stream(torch.cuda.current_stream(self.device))
+
+    def ring_runs(self, pairs: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
+        """(cpu block, ring slot) pairs -> (first slot, first CPU block, count) of runs consecutive in
+        both, never across a pinned chunk."""
+        runs: list[tuple[int, int, int]] = []
+        for cpu_id, slot in sorted(pairs, key=lambda p: p[1]):
+            first_slot, first_cpu, n = runs[-1] if runs else (-1, -1, 0)
+            if first_slot + n == slot and first_cpu + n == cpu_id and cpu_id % self.chunk:
+                runs[-1] = (first_slot, first_cpu, n + 1)
+            else:
+                runs.append((slot, cpu_id, 1))
+        return runs
 
     def _load_ranges(self, loads: list[tuple[int, int]]) -> list[slice]:
         """A whole-model load goes layer group by layer group only when its CPU blocks come in runs."""

@@ -26,11 +26,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from kvtier.cache.storage import Tier
+from kvtier.cache.storage import Kind, Tier
+from kvtier.cache.transfers import Move, Stage, TransferPlan
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.sampler import DeviceSample
-from kvtier.engine.transfer_engine import TransferEngine, transfer_stats
+from kvtier.engine.transfer_engine import PREFETCH_DEPTH, TransferEngine, transfer_stats
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import NO_HOOKS
 from kvtier.scheduler.output import RunnerOutput, SchedulerOutput
@@ -71,7 +72,11 @@ class Worker:
         # the step's inputs cross to the device before its loads: one copy engine serves a direction
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
         inputs = None if plan.is_empty else self.runner.prepare_inputs(plan.scheduled)
-        pipeline = self.transfers.begin_step(plan.transfers) if self.transfers is not None else None
+        transfers = plan.transfers
+        if inputs is not None and inputs.ring_pairs:  # Pie: the far blocks, layer by layer into the ring
+            ring_load = Move(Tier.CPU, Tier.GPU, Kind.KV, inputs.ring_pairs, Stage.PER_LAYER, ephemeral=True)
+            transfers = TransferPlan(transfers.step_id, (*transfers.operations, ring_load))
+        pipeline = self.transfers.begin_step(transfers) if self.transfers is not None else None
         try:
             if inputs is None:
                 return StepFuture(None)
@@ -94,9 +99,22 @@ class Worker:
         """After a failed step: the next plans carry no placeholder for what was drawn before."""
         self.runner.forget_sampled()
 
+    def enable_far(self, num_slots: int) -> int:
+        """Pie: a staging ring of `num_slots` far blocks, PREFETCH_DEPTH + 1 layers deep, shared by
+        the transfer engine (which loads it) and the attention (which reads it). Returns its bytes."""
+        if self.transfers is None:
+            raise ValueError("far-resident KV needs the CPU tier (--kv-offloading-size)")
+        ring = self.kv.staging_ring(PREFETCH_DEPTH + 1, num_slots)
+        self.transfers.attach_ring(ring)
+        self.runner.attach_ring(ring)
+        return ring.numel() * ring.element_size()
+
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """One graph segment per layer group that CPU-tier loads may arrive by."""
+        """One graph segment per layer group that CPU-tier loads may arrive by; per layer with
+        far blocks (each layer waits for its own ring entry, which the layer before frees)."""
         starts = [layers.start for layers in self.transfers.group_layers] if self.transfers is not None else [0]
+        if self.runner.ring_slots:
+            starts = list(range(len(self.runner.kv_caches)))
         self.runner.capture_decode_graphs(max_num_seqs, max_model_len, starts)
 
     def free_kv_cache(self) -> None:

@@ -23,6 +23,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each (num_blo
 class AttentionBackend:
     """One layer's attention over its paged KV cache."""
 
+    # Pie: this layer's entry of the staging ring, (k, v) each (slots, block_size, Hkv, D), where
+    # a step's far blocks are (AttentionMetadata.far); set by ModelRunner.attach_ring
+    far_kv: KVCache | None = None
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) of this step -> (T, Hq, D): writes k/v into the cache at
@@ -35,7 +39,7 @@ class TorchAttention(AttentionBackend):
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_sdpa(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_attention_sdpa(q, k_cache, v_cache, meta, scale, sliding_window, far_kv=self.far_kv)
 
 
 class TritonAttention(AttentionBackend):
@@ -47,7 +51,7 @@ class TritonAttention(AttentionBackend):
                 meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self._write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self._attend(q, k_cache, v_cache, meta, scale, sliding_window)
+        return self._attend(q, k_cache, v_cache, meta, scale, sliding_window, far_kv=self.far_kv)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"torch": TorchAttention,

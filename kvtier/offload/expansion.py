@@ -28,9 +28,10 @@ reference (the step with nothing far) and cuts it multiplicatively when it does 
        |___________/
        +--------------------------------------------> steps
 
-Everything here is torch-free: it takes seconds and bytes and gives fractions. Nothing in the
-engine calls it yet: it waits for far-resident blocks of running requests and the staging ring
-(docs/architecture.md, "Pie's staging slots").
+`pipelined_step_seconds` predicts a step's time at a far fraction from the layer pipeline itself
+(what `kvtier bench expansion` compares its measured points with).
+
+Everything here is torch-free: it takes seconds and bytes and gives fractions.
 """
 
 from __future__ import annotations
@@ -47,6 +48,29 @@ def transparent_fraction(weight_bytes: float, kv_bytes: float, device_bytes_per_
         raise ValueError("bytes and rates must be positive")
     f = (weight_bytes + kv_bytes) * link_bytes_per_s / (kv_bytes * (device_bytes_per_s + link_bytes_per_s))
     return min(1.0, f)
+
+
+def pipelined_step_seconds(step_seconds: float, num_layers: int, far_bytes: float, link_bytes_per_s: float,
+                           depth: int = 1) -> float:
+    """A decode step's time with `far_bytes` of its KV crossing the link, layer by layer, into a
+    staging ring of depth + 1 entries (kvtier/engine/layer_pipeline.py), given its time with
+    nothing far. Each layer computes step_seconds / num_layers once its far KV has landed; the
+    loads run back to back on the link, and layer i's load starts only once layer i - depth - 1,
+    which read the same ring entry, is done:
+
+        load_end[i]    = max(load_end[i-1], compute_end[i-depth-1]) + far_bytes / num_layers / link
+        compute_end[i] = max(compute_end[i-1], load_end[i]) + step_seconds / num_layers
+    """
+    if far_bytes <= 0:
+        return step_seconds
+    compute, load = step_seconds / num_layers, far_bytes / num_layers / link_bytes_per_s
+    load_end: list[float] = []
+    compute_end: list[float] = []
+    for i in range(num_layers):
+        ring_free = compute_end[i - depth - 1] if i > depth else 0.0
+        load_end.append(max(load_end[-1] if load_end else 0.0, ring_free) + load)
+        compute_end.append(max(compute_end[-1] if compute_end else 0.0, load_end[-1]) + compute)
+    return compute_end[-1]
 
 
 @dataclasses.dataclass
@@ -96,3 +120,31 @@ class ExpansionController:
         self.fraction *= min(self.decrease, (1 + self.epsilon / 2) / (1 + slowdown))
         self.alpha = max(self.min_step, self.growth * self.fraction)
         self.probing, self._slow_steps = False, 0
+
+
+@dataclasses.dataclass
+class AdaptiveExpansion:
+    """`--kv-expansion adaptive`: feeds the controller each decode step's device time against a
+    reference, the step with nothing far scaled by the bytes a step reads (weights + the KV of its
+    contexts: the roofline's numerator, so the reference follows the batch and the contexts).
+    The reference's time per byte is the median of the last `window` steps that had nothing far
+    (the first steps, and any after a cut to zero)."""
+
+    controller: ExpansionController
+    weight_bytes: float
+    window: int = 8
+    _per_byte: list[float] = dataclasses.field(default_factory=list)
+
+    def observe(self, step_seconds: float, num_far_blocks: int, bytes_read: float) -> float:
+        """The far fraction for the next steps, after a decode step of `step_seconds`."""
+        total = self.weight_bytes + bytes_read
+        if num_far_blocks == 0:
+            self._per_byte = (self._per_byte + [step_seconds / total])[-self.window:]
+        if not self._per_byte:
+            return self.controller.fraction
+        reference = sorted(self._per_byte)[len(self._per_byte) // 2] * total
+        return self.controller.update(step_seconds, reference)
+
+    @property
+    def reference_ready(self) -> bool:
+        return bool(self._per_byte)

@@ -8,6 +8,11 @@ Same semantics as the pure-torch references in `kvtier.ops.attention` (`write_kv
     paged_prefill_attention(q, k_cache, v_cache, meta, scale)  variable-length causal, any q_len
     paged_attention(...)                                       picks one of the two by meta
 
+Every attention launcher takes `far_kv=(k_ring, v_ring)`, one layer's staging ring: with meta.far
+(`FarPrefix`) each sequence's first far_blocks[b] blocks are read from ring slots ring_start[b] + j
+instead of the cache. The kernels then have HAS_FAR=True; without a far prefix their far arguments
+are None (constexpr) and HAS_FAR=False compiles exactly today's kernels.
+
 Every launcher checks shapes, dtypes and devices on the host (ValueError) and never reads a device
 tensor: no `.item()`, `.tolist()` or other sync, and every grid size comes from host ints
 (`meta.max_seq_len`, `meta.max_query_len`, tensor shapes). Under CUDA-graph capture, pass the
@@ -40,7 +45,10 @@ request in flight when it happens mid-serving. The rule here:
   - model-constant ints stay specialized: head counts, cache strides, and the token/head strides of
     q, k, v and out, which are multiples of head_dim (a power of two >= 16) in every layout;
   - every constexpr takes a bounded set of values for a given cache; `precompile` launches them all:
-    write_kv 1, prefill 4 (BLOCK_M 16/32/64/128), decode 2 (one split or several) + its reduce 1.
+    write_kv 1, prefill 4 (BLOCK_M 16/32/64/128), decode 2 (one split or several) + its reduce 1,
+    and given a staging ring the same prefill and decode variants again with HAS_FAR (a far
+    prefix); the ring's strides and pointer alignment are model constants, specialized like the
+    cache's, and its far_blocks / ring_start tensors are metadata (not specialized).
     The metadata's index dtype is part of the key too: the runner's int64 tensors and the CUDA
     graphs' int32 buffers give the decode kernel a second set (compiled at graph capture).
 
@@ -56,18 +64,22 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.ops.attention import AttentionMetadata
+from kvtier.ops.attention import AttentionMetadata, FarKV, FarPrefix
 
 # Tuning constants, NOT yet timed on a GPU: the usual Triton flash-attention settings for head_dim
 # 128 on an H100 (sm_90). Compiled ahead of time for sm_90 with Triton 3.6 and 3.9, bf16, Llama-3-8B
 # shape, they do not spill: decode ~107 registers x 4 warps and 38 KB shared memory (4 programs fit
 # an SM, hence DECODE_PROGRAMS_PER_SM), prefill ~202 registers x 8 warps and 96 KB. Time them with
 # benchmarks/kernels_gpu.py (--sweep-splits for the split heuristic) and record the GPU here.
+# H200 (benchmarks/decode_sweep.py, 2026-12-01; block n {32,64,128} x warps {2,4,8} x stages {2,3,4}
+# x programs per SM {2,4,8}, Llama-3-8B bf16): at 64 x 2048, 2 programs per SM (one split: no reduce
+# kernel) read the KV at 4.28 TB/s against 3.83 at 4 (125.6 against 140.2 us a layer); at 256 x 512
+# (one split either way) 4.10 TB/s, the rest within 2% of it. The other constants stay.
 H100_NUM_SMS = 132  # used when there is no CUDA device to ask (interpreter on CPU)
 DECODE_BLOCK_N = 64  # keys per tile in the decode kernel (also for short contexts: one variant)
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
-DECODE_PROGRAMS_PER_SM = 4  # split until batch x kv_heads x splits reaches this many per SM
+DECODE_PROGRAMS_PER_SM = 2  # split until batch x kv_heads x splits reaches this many per SM (H200 sweep)
 DECODE_MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial store) dominates
 DECODE_MAX_SPLITS = 64
 PREFILL_BLOCK_M = 128  # queries per program (16, 32 or 64 when max_query_len is smaller)
@@ -162,17 +174,60 @@ def _online_softmax(s, v, acc, m_i, l_i, FP32_DOT: tl.constexpr):
     return acc, m_new, l_i
 
 
+# Far prefix (Pie): a sequence's first far_len positions are read from the layer's staging ring.
+#
+#     pos    0 ......... far_len = far_blocks[b] * BLOCK_SIZE .......... seq_len
+#            | ring slot ring_start[b] + pos // BLOCK_SIZE | table[pos // BLOCK_SIZE] |
+#
+# A key tile may straddle far_len, so each key picks its source: both addresses are computed and
+# tl.where selects one per key; the far keys' table entries are never loaded (they may be garbage).
+# The select takes whole (N, D) address tiles: selecting (N, 1) row bases and adding d after lost
+# the contiguity along D in Triton's axis analysis (sm_90, Triton 3.9: scalar 2-byte loads, no
+# cp.async pipelining, 255 registers and spills); this way the far variants load like the others.
+
+@triton.jit
+def _far_source(far_blocks_ptr, ring_start_ptr, k_ring_ptr, v_ring_ptr, b, kv_head,
+                stride_rkb, stride_rko, stride_rkh, stride_rvb, stride_rvo, stride_rvh,
+                BLOCK_SIZE: tl.constexpr):
+    """Sequence b's far prefix for one KV head: (far_len, first ring slot, K and V ring bases,
+    ring block and offset strides), one tuple for _far_kv_ptrs."""
+    far_len = tl.load(far_blocks_ptr + b) * BLOCK_SIZE
+    ring_start = tl.load(ring_start_ptr + b)
+    return (far_len, ring_start, k_ring_ptr + kv_head * stride_rkh, v_ring_ptr + kv_head * stride_rvh,
+            stride_rkb, stride_rko, stride_rvb, stride_rvo)
+
+
+@triton.jit
+def _far_kv_ptrs(pos, valid, table, far, k_base, v_base, stride_kb, stride_ko, stride_vb, stride_vo, d,
+                 BLOCK_SIZE: tl.constexpr):
+    """K and V addresses (N, D) of key positions pos (N,): the ring below far_len, else the cache
+    page in the block table (loaded only where valid and not far)."""
+    far_len, ring_start, kr_base, vr_base, stride_rkb, stride_rko, stride_rvb, stride_rvo = far
+    is_far = (pos < far_len)[:, None]
+    block = pos // BLOCK_SIZE
+    page = tl.load(table + block, mask=valid & (pos >= far_len), other=0).to(tl.int64)[:, None]
+    slot = (ring_start + block).to(tl.int64)[:, None]
+    offset = (pos % BLOCK_SIZE)[:, None]
+    k_ptrs = tl.where(is_far, kr_base + slot * stride_rkb + offset * stride_rko + d[None, :],
+                      k_base + page * stride_kb + offset * stride_ko + d[None, :])
+    v_ptrs = tl.where(is_far, vr_base + slot * stride_rvb + offset * stride_rvo + d[None, :],
+                      v_base + page * stride_vb + offset * stride_vo + d[None, :])
+    return k_ptrs, v_ptrs
+
+
 # Per-step ints and metadata pointers are not specialized on (see the top of this module).
-@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "window", "num_splits",
-                               "stride_qb", "stride_ob", "stride_bt"])
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "far_blocks_ptr", "ring_start_ptr",
+                               "window", "num_splits", "stride_qb", "stride_ob", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                          qk_scale, window, num_splits,
                          stride_qb, stride_qh, stride_ob, stride_oh,
                          stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                         far_blocks_ptr, ring_start_ptr, k_ring_ptr, v_ring_ptr,
+                         stride_rkb, stride_rko, stride_rkh, stride_rvb, stride_rvo, stride_rvh,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr,
-                         FP32_DOT: tl.constexpr):
+                         FP32_DOT: tl.constexpr, HAS_FAR: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -191,6 +246,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    if HAS_FAR:
+        far = _far_source(far_blocks_ptr, ring_start_ptr, k_ring_ptr, v_ring_ptr, b, kv_head,
+                          stride_rkb, stride_rko, stride_rkh, stride_rvb, stride_rvo, stride_rvh, BLOCK_SIZE)
 
     m_i = tl.full([GROUP_PAD], -1e30, tl.float32)  # finite: an empty split gives exp2(-inf) = 0
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -198,16 +256,30 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < hi
-        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        k = tl.load(k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :],
-                    mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :],
-                    mask=valid[:, None], other=0.0)
+        if HAS_FAR:
+            k_ptrs, v_ptrs = _far_kv_ptrs(pos, valid, table, far, k_base, v_base, stride_kb, stride_ko,
+                                          stride_vb, stride_vo, d, BLOCK_SIZE)
+            k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offset = pos % BLOCK_SIZE
+            k = tl.load(k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :],
+                        mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :],
+                        mask=valid[:, None], other=0.0)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax(s, v, acc, m_i, l_i, FP32_DOT)
 
+    _store_split(acc, m_i, l_i, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, split, num_splits, g, heads, d,
+                 stride_ob, stride_oh, GROUP, HEAD_DIM, DIRECT_OUT)
+
+
+@triton.jit
+def _store_split(acc, m_i, l_i, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, split, num_splits, g, heads, d,
+                 stride_ob, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT_OUT: tl.constexpr):
+    """One split's result: the normalized output when it is the only split, else its (max, sum, acc)."""
     row_mask = (g < GROUP)[:, None]
     if DIRECT_OUT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (padding): acc = 0 -> zeros
@@ -246,8 +318,8 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
     Enough programs (batch x kv_heads x splits) for DECODE_PROGRAMS_PER_SM per SM, so that a few
     long sequences still fill the GPU, but no split shorter than DECODE_MIN_TOKENS_PER_SPLIT and
-    at most DECODE_MAX_SPLITS. E.g. on 132 SMs with 8 KV heads: 64 x 2048 -> 2 splits,
-    8 x 512 -> 4, 1 x 32768 -> 64.
+    at most DECODE_MAX_SPLITS. E.g. on 132 SMs with 8 KV heads: 64 x 2048 -> 1 split,
+    16 x 2048 -> 3, 8 x 512 -> 4, 1 x 32768 -> 33.
     """
     wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // max(num_seqs * num_kv_heads, 1))
     longest = -(-max_seq_len // DECODE_MIN_TOKENS_PER_SPLIT)
@@ -256,14 +328,15 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, *, far_kv: FarKV | None = None) -> torch.Tensor:
     """q (B, Hq, D), one query per sequence at position seq_len - 1 -> (B, Hq, D) in q's dtype.
 
     The context is split into `num_splits` ranges (default: `num_decode_splits`) sized from
     meta.max_seq_len, which must bound every seq_len. Sequences with seq_len 0 give zeros.
+    With meta.far and far_kv, far blocks are read from the ring (see the top of this module).
     """
     num_seqs, num_heads, head_dim, num_kv_heads = _check_attention(q, k_cache, v_cache, meta,
-                                                                   scale, sliding_window)
+                                                                   scale, sliding_window, far_kv)
     if q.shape[0] != num_seqs:
         raise ValueError(f"decode needs one query per sequence: q has {q.shape[0]} rows, "
                          f"meta has {num_seqs} sequences")
@@ -277,7 +350,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, num_splits)
+    _launch_decode(q, k_cache, v_cache, meta, scale, sliding_window, out, num_splits, far_kv)
     return out
 
 
@@ -293,7 +366,7 @@ def _effective_splits(max_seq_len: int, num_splits: int) -> int:
 
 def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    meta: AttentionMetadata, scale: float, sliding_window: int | None,
-                   out: torch.Tensor, num_splits: int) -> None:
+                   out: torch.Tensor, num_splits: int, far_kv: FarKV | None) -> None:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -302,14 +375,16 @@ def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     part_m = out if direct else torch.empty(num_seqs, num_heads, num_splits, **f32)
     part_l = out if direct else torch.empty(num_seqs, num_heads, num_splits, **f32)
     part_acc = out if direct else torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
+    far_args = _far_args(meta, far_kv)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, part_m, part_l, part_acc,
         scale * _LOG2E, _window(sliding_window), num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0), *far_args,
         GROUP=group, GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=DECODE_BLOCK_N, DIRECT_OUT=direct,
-        FP32_DOT=_fp32_dot(q.dtype), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+        FP32_DOT=_fp32_dot(q.dtype), HAS_FAR=far_args[0] is not None,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
@@ -335,21 +410,26 @@ def _splits_pad(num_splits: int) -> int:
 #   grid (cdiv(max_query_len, BLOCK_M), B, Hq); programs past a sequence's q_len exit at once.
 
 @triton.jit
-def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_len, window,
+def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, far, q_pos, lo, hi, seq_len, window,
                    qk_scale, stride_kb, stride_ko, stride_vb, stride_vo, d,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   FP32_DOT: tl.constexpr):
-    """Online softmax over key tiles [lo, hi); MASKED applies causal, window and length masks."""
+                   FP32_DOT: tl.constexpr, HAS_FAR: tl.constexpr):
+    """Online softmax over key tiles [lo, hi); MASKED applies causal, window and length masks;
+    `far` from _far_source when HAS_FAR."""
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        if MASKED:
-            valid = pos < seq_len
-            page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        valid = pos < seq_len  # all true in unmasked tiles
+        if HAS_FAR:
+            k_ptrs, v_ptrs = _far_kv_ptrs(pos, valid, table, far, k_base, v_base, stride_kb, stride_ko,
+                                          stride_vb, stride_vo, d, BLOCK_SIZE)
         else:
-            page = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        k_ptrs = k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :]
-        v_ptrs = v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :]
+            if MASKED:
+                page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            else:
+                page = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+            offset = pos % BLOCK_SIZE
+            k_ptrs = k_base + page[:, None] * stride_kb + offset[:, None] * stride_ko + d[None, :]
+            v_ptrs = v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :]
         if MASKED:
             k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
@@ -364,14 +444,17 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, hi, seq_l
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "window",
-                               "stride_qt", "stride_ot", "stride_bt"])
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "far_blocks_ptr",
+                               "ring_start_ptr", "window", "stride_qt", "stride_ot", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                     query_start_loc_ptr, out_ptr, qk_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                    far_blocks_ptr, ring_start_ptr, k_ring_ptr, v_ring_ptr,
+                    stride_rkb, stride_rko, stride_rkh, stride_rvb, stride_rvo, stride_rvh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+                    HAS_FAR: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.program_id(2)
@@ -399,35 +482,41 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    if HAS_FAR:
+        far = _far_source(far_blocks_ptr, ring_start_ptr, k_ring_ptr, v_ring_ptr, b, kv_head,
+                          stride_rkb, stride_rko, stride_rkh, stride_rvb, stride_rvo, stride_rvh, BLOCK_SIZE)
+    else:
+        far = None
 
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, lo, f_lo,
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, far, q_pos, lo, f_lo,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT)
-    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_lo, f_hi,
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT, HAS_FAR)
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, far, q_pos, f_lo, f_hi,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, False, FP32_DOT)
-    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, q_pos, f_hi, hi,
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, False, FP32_DOT, HAS_FAR)
+    acc, m_i, l_i = _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, far, q_pos, f_hi, hi,
                                    seq_len, window, qk_scale, stride_kb, stride_ko, stride_vb,
-                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT)
+                                   stride_vo, d, BLOCK_SIZE, BLOCK_N, True, FP32_DOT, HAS_FAR)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # only rows past q_len can have l = 0
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                            *, far_kv: FarKV | None = None) -> torch.Tensor:
     """q (T, Hq, D), sequences flattened by meta.query_start_loc -> (T, Hq, D) in q's dtype.
 
     Query j of a sequence with q_len new tokens sits at position seq_len - q_len + j and attends
-    causally to keys 0..that position, read from the cache (this step's K/V must be written).
+    causally to keys 0..that position, read from the cache (this step's K/V must be written), or
+    from far_kv's ring for the far prefix of meta.far.
     meta.max_query_len must bound every q_len. Rows of q outside every sequence are left unset.
     """
     num_seqs, num_heads, head_dim, num_kv_heads = _check_attention(q, k_cache, v_cache, meta,
-                                                                   scale, sliding_window)
+                                                                   scale, sliding_window, far_kv)
     if meta.query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(f"meta.query_start_loc must have {num_seqs + 1} entries, "
                          f"got {meta.query_start_loc.shape[0]}")
@@ -436,14 +525,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     block_m = _prefill_block_m(meta.max_query_len)
     grid = (triton.cdiv(meta.max_query_len, block_m), num_seqs, num_heads)
+    far_args = _far_args(meta, far_kv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
         scale * _LOG2E, _window(sliding_window),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0), *far_args,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, FP32_DOT=_fp32_dot(q.dtype),
-        num_warps=8 if block_m >= 128 else 4, num_stages=PREFILL_NUM_STAGES)
+        HAS_FAR=far_args[0] is not None, num_warps=8 if block_m >= 128 else 4,
+        num_stages=PREFILL_NUM_STAGES)
     return out
 
 
@@ -453,15 +544,19 @@ def _prefill_block_m(max_query_len: int) -> int:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                    *, far_kv: FarKV | None = None) -> torch.Tensor:
     """q (T, Hq, D) -> (T, Hq, D); decode kernel when every sequence has one query (or when the
-    step comes with a per-token decode view), else prefill."""
+    step comes with a per-token decode view), else prefill. far_kv: see the top of this module."""
     if meta.is_decode_only:
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, far_kv=far_kv)
     if meta.per_token is not None:
-        return paged_decode_attention(q, k_cache, v_cache, meta.per_token, scale, sliding_window)
-    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        if far_kv is not None and meta.far is not None and meta.per_token.far is None:
+            # the per-token rows would read the far blocks' (garbage) table entries
+            raise ValueError("meta.far is set but meta.per_token.far is not (see per_token_far)")
+        return paged_decode_attention(q, k_cache, v_cache, meta.per_token, scale, sliding_window,
+                                      far_kv=far_kv)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window, far_kv=far_kv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,39 +564,47 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-               index_dtype: torch.dtype = torch.int64) -> None:
+               index_dtype: torch.dtype = torch.int64, far_kv: FarKV | None = None) -> None:
     """Compile every variant that steps over this cache can launch (see the top of this module).
 
     k_cache, v_cache: one layer's (num_blocks, block_size, Hkv, D); every layer has the same key.
-    index_dtype: that of the step metadata (block tables, seq_lens, query_start_loc); the model
-    runner's are int64. Launches tiny problems that read block 0 and write nothing (slot -1); q and
-    out are contiguous, which keys like the model's qkv views (strides are multiples of D).
-    A no-op under the interpreter, which compiles nothing.
+    index_dtype: that of the step metadata (block tables, seq_lens, query_start_loc, and a far
+    prefix's tensors); the model runner's are int64. far_kv: a layer's staging ring as the layers
+    will pass it (same views: its strides and alignment are in the key): also compiles the far
+    (HAS_FAR) variants, which a step with meta.far launches. Launches tiny problems that read
+    block 0 and write nothing (slot -1); q and out are contiguous, which keys like the model's qkv
+    views (strides are multiples of D). A no-op under the interpreter, which compiles nothing.
     """
     if not _INTERPRETED:
-        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype)
+        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, None)
+        if far_kv is not None:
+            _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, far_kv)
 
 
 def _launch_each_variant(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-                         index_dtype: torch.dtype) -> None:
+                         index_dtype: torch.dtype, far_kv: FarKV | None = None) -> None:
+    """The attention variants without (far_kv None, and write_kv) or with a far prefix."""
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     like_cache = dict(dtype=k_cache.dtype, device=k_cache.device)
-    kv = torch.zeros(1, num_kv_heads, head_dim, **like_cache)
-    write_kv(kv, kv, k_cache, v_cache, torch.full((1,), -1, dtype=torch.int64, device=k_cache.device))
+    if far_kv is None:
+        kv = torch.zeros(1, num_kv_heads, head_dim, **like_cache)
+        write_kv(kv, kv, k_cache, v_cache, torch.full((1,), -1, dtype=torch.int64, device=k_cache.device))
+    far = far_kv is not None
     for block_m in sorted({_prefill_block_m(1 << i) for i in range(PREFILL_BLOCK_M.bit_length())}):
         q = torch.zeros(block_m, num_heads, head_dim, **like_cache)
-        meta = _dummy_meta(block_m, block_m, block_size, index_dtype, k_cache.device)
-        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0)
+        meta = _dummy_meta(block_m, block_m, block_size, index_dtype, k_cache.device, far)
+        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0, far_kv=far_kv)
     for num_splits in (1, 2):  # one split writes out directly; more go through the reduce kernel
         q = torch.zeros(1, num_heads, head_dim, **like_cache)
-        meta = _dummy_meta(1, num_splits * DECODE_BLOCK_N, block_size, index_dtype, k_cache.device)
-        paged_decode_attention(q, k_cache, v_cache, meta, 1.0, num_splits=num_splits)
+        meta = _dummy_meta(1, num_splits * DECODE_BLOCK_N, block_size, index_dtype, k_cache.device, far)
+        paged_decode_attention(q, k_cache, v_cache, meta, 1.0, num_splits=num_splits, far_kv=far_kv)
 
 
 def _dummy_meta(query_len: int, seq_len: int, block_size: int, index_dtype: torch.dtype,
-                device: torch.device) -> AttentionMetadata:
-    """One sequence of seq_len keys, all in block 0, whose last query_len tokens are queries."""
+                device: torch.device, far: bool = False) -> AttentionMetadata:
+    """One sequence of seq_len keys, all in block 0, whose last query_len tokens are queries;
+    with `far`, a far prefix of no blocks (the far variant, reading nothing from the ring)."""
     index = dict(dtype=index_dtype, device=device)
     return AttentionMetadata(
         slot_mapping=torch.full((query_len,), -1, dtype=torch.int64, device=device),
@@ -509,12 +612,23 @@ def _dummy_meta(query_len: int, seq_len: int, block_size: int, index_dtype: torc
         seq_lens=torch.tensor([seq_len], **index),
         query_start_loc=torch.tensor([0, query_len], **index),
         max_query_len=query_len, max_seq_len=seq_len,
-        seq_lens_list=[seq_len], query_lens_list=[query_len])
+        seq_lens_list=[seq_len], query_lens_list=[query_len],
+        far=FarPrefix(torch.zeros(1, **index), torch.zeros(1, **index), [0], [0]) if far else None)
 
 
 # ---------------------------------------------------------------------------------------------
 # host-side checks (no device reads)
 # ---------------------------------------------------------------------------------------------
+
+def _far_args(meta: AttentionMetadata, far_kv: FarKV | None) -> tuple:
+    """The kernels' far arguments, far_blocks_ptr .. stride_rvh: all None without a far prefix
+    (None is a constexpr to Triton, so the HAS_FAR=False variant is today's kernel)."""
+    if meta.far is None or far_kv is None:
+        return (None,) * 10
+    k_ring, v_ring = far_kv
+    return (meta.far.far_blocks, meta.far.ring_start, k_ring, v_ring, *k_ring.stride()[:3],
+            *v_ring.stride()[:3])
+
 
 def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (_INTERPRETED and dtype == torch.bfloat16)
@@ -583,8 +697,8 @@ def _check_devices(first: torch.Tensor, **others: torch.Tensor) -> None:
 
 
 def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float,
-                     sliding_window: int | None) -> tuple[int, int, int, int]:
+                     meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                     far_kv: FarKV | None = None) -> tuple[int, int, int, int]:
     """-> (num_seqs, num_heads, head_dim, num_kv_heads) after checking everything on the host."""
     _check_cache(k_cache, v_cache)
     if q.dim() != 3:
@@ -606,7 +720,26 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_seqs = _check_meta(meta, block_size)
     _check_devices(q, k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
                    seq_lens=meta.seq_lens, query_start_loc=meta.query_start_loc)
+    if meta.far is not None and far_kv is not None:
+        _check_far(q, k_cache, meta.far, far_kv, num_seqs)
     return num_seqs, num_heads, head_dim, num_kv_heads
+
+
+def _check_far(q: torch.Tensor, k_cache: torch.Tensor, far: FarPrefix, far_kv: FarKV, num_seqs: int) -> None:
+    _check_1d(far.far_blocks, "meta.far.far_blocks", num_seqs, _INDEX_DTYPES)
+    _check_1d(far.ring_start, "meta.far.ring_start", num_seqs, _INDEX_DTYPES)
+    if not isinstance(far_kv, tuple) or len(far_kv) != 2:
+        raise ValueError("far_kv must be a (k_ring, v_ring) tuple")
+    k_ring, v_ring = far_kv
+    for name, ring in (("k_ring", k_ring), ("v_ring", v_ring)):
+        if ring.dim() != 4 or tuple(ring.shape[1:]) != tuple(k_cache.shape[1:]):
+            raise ValueError(f"{name} must be (ring_slots, {', '.join(map(str, k_cache.shape[1:]))}) "
+                             f"like the cache's blocks, got {tuple(ring.shape)}")
+        if ring.dtype != k_cache.dtype:
+            raise ValueError(f"{name} dtype {ring.dtype} must equal the cache dtype {k_cache.dtype}")
+        if ring.stride(3) != 1:
+            raise ValueError(f"{name} needs a contiguous last (head_dim) dimension")
+    _check_devices(q, far_blocks=far.far_blocks, ring_start=far.ring_start, k_ring=k_ring, v_ring=v_ring)
 
 
 def _check_meta(meta: AttentionMetadata, block_size: int) -> int:

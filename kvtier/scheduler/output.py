@@ -31,6 +31,9 @@ class ScheduledRequest:
     # new_block_ids is the whole table (first plan, or a resume after preemption): drop the old one
     reset_block_table: bool = True
     num_output_tokens: int = 0  # tokens sampled so far, pending ones included (min_tokens, seeded draws)
+    # Pie: CPU block ids of the request's far prefix (its first blocks, whose table entries are
+    # FAR_BLOCK_ID): the worker brings them into the staging ring layer by layer
+    far_block_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass

@@ -119,6 +119,7 @@ class Scheduler:
             if num_new <= 0:  # its pending tokens reach a limit: wait for them
                 i += 1
                 continue
+            self.kv_cache.rebalance_far(request)  # Pie: its oldest blocks may go far, freeing GPU blocks
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -190,6 +191,9 @@ class Scheduler:
         start = request.num_computed_tokens
         table = self.kv_cache.block_ids(request.request_id)
         sent = self._num_sent_blocks.get(request.request_id)
+        if request.request_id in self.kv_cache.far_changed:  # its table's head changed: send it whole
+            self.kv_cache.far_changed.discard(request.request_id)
+            sent = None
         self._num_sent_blocks[request.request_id] = len(table)
         params = request.params
         token_ids = request.all_token_ids[start:start + num_new]
@@ -200,7 +204,7 @@ class Scheduler:
             sample=start + num_new == request.num_tokens + request.num_pending_outputs, params=params,
             all_token_ids=tuple(request.all_token_ids) if params.repetition_penalty != 1.0 else (),
             num_prompt_tokens=request.num_prompt_tokens, eos_token_ids=request.eos_token_ids,
-            reset_block_table=sent is None,
+            reset_block_table=sent is None, far_block_ids=self.kv_cache.far_block_ids(request.request_id),
             num_output_tokens=request.num_output_tokens + request.num_pending_outputs)
 
     # -- results ------------------------------------------------------------------------------

@@ -262,6 +262,9 @@ def _add_bench_expansion(bsub) -> None:
     ex.add_argument("--steps", type=int, default=20, help="decode steps timed per fraction (median)")
     ex.add_argument("--controller-steps", type=int, default=150,
                     help="decode steps the adaptive controller runs from 0 after the sweep")
+    ex.add_argument("--ring-load", choices=("dma", "kernel"), default="dma",
+                    help="how far blocks reach the GPU staging ring: 2-D DMA copies per run of CPU blocks, "
+                         "or the copy kernel reading pinned memory")
     ex.add_argument("--output-json", default=None, help="write the results here")
     ex.add_argument("--plot", default=None, help="write a PNG of step time against fraction here")
     add_engine_args(ex, positional_model=False)

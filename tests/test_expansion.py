@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController, pipelined_step_seconds, transparent_fraction
+from kvtier.offload.expansion import (
+    AdaptiveExpansion,
+    ExpansionController,
+    pipelined_step_seconds,
+    transparent_fraction,
+)
 
 # Llama-3-8B at batch 64 x 2048 on the H200 (design.md): weights, KV, device and link rates
 WEIGHTS, KV, DEVICE_BW = 16.06e9, 17.18e9, 4.21e12

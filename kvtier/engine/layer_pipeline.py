@@ -29,7 +29,7 @@ from kvtier.cache.transfers import Move, Stage, TransferPlan
 from kvtier.ops.attention import LayerHooks
 
 if TYPE_CHECKING:
-    from kvtier.engine.transfer_engine import TransferEngine, _InFlight
+    from kvtier.engine.transfer_engine import RingPlan, TransferEngine, _InFlight
 
 
 class LayerPipeline:
@@ -40,11 +40,11 @@ class LayerPipeline:
         self._waited = 0  # layers [0, _waited) are waited for
         self._loads_at: dict[int, list[Move]] = {}  # layer -> PER_LAYER loads issued before it
         self._stores_at: dict[int, list[Move]] = {}  # layer -> PER_LAYER stores issued after it
-        self._ring_runs: list[tuple[int, int, int]] = []  # Pie: the far blocks' DMA runs, every layer
+        self._ring: RingPlan | None = None  # Pie: the far blocks, loaded into the ring every layer
         self._ring_next = 0  # the next layer whose ring load is to be issued
         for op in plan.operations:
-            if isinstance(op, Move) and op.ephemeral:  # checked by the engine: the staging ring
-                self._ring_runs += engine.ring_runs(op.block_pairs)
+            if isinstance(op, Move) and op.ephemeral:  # checked by the engine: the staging ring (one a step)
+                self._ring = engine.plan_ring(op.block_pairs)
             elif isinstance(op, Move) and op.stage is Stage.PER_LAYER:
                 assert op.layers is not None  # checked by the engine's handler lookup
                 if op.dst is Tier.GPU:  # a load: layer layers[0] reads it
@@ -62,7 +62,7 @@ class LayerPipeline:
             self._waits[layer].append(event)
 
     def before_layer(self, layer: int) -> None:
-        if self._ring_runs:
+        if self._ring is not None:
             self._issue_ring(layer)
         for move in self._loads_at.pop(layer, ()):
             self.engine.issue(move, self)
@@ -93,7 +93,7 @@ class LayerPipeline:
             return
         engine.wait_for_compute()
         while self._ring_next <= last:
-            end = engine.load_ring_layer(self._ring_runs, self._ring_next, self.flight)
+            end = engine.load_ring_layer(self._ring, self._ring_next, self.flight)
             if end is not None:
                 self.wait_before(self._ring_next, end)
             self._ring_next += 1

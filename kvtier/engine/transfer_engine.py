@@ -66,6 +66,11 @@ STAGING_BYTES = 256 << 20  # per direction; a step moving more goes through it i
 LAYER_GROUPS = 2  # at most; the largest divisor of the layer count not above it
 SPLIT_MIN_RUN = 2.0  # mean consecutive CPU blocks per DMA run for a load to go group by group
 PREFETCH_DEPTH = 1  # a PER_LAYER load of layers [a, b) is issued before layer a - PREFETCH_DEPTH
+# How a layer's far blocks reach the staging ring (Pie): "dma", one 2-D copy per run of consecutive
+# CPU blocks on a copy engine; "kernel", one launch of the copy kernel reading pinned memory (UVA)
+# with RING_KERNEL_PROGRAMS programs. `kvtier bench expansion --ring-load` compares them.
+RING_LOAD = "dma"
+RING_KERNEL_PROGRAMS = 8
 
 
 def staging_blocks(block_bytes: int) -> int:
@@ -74,6 +79,14 @@ def staging_blocks(block_bytes: int) -> int:
 
 def layer_groups(num_layers: int) -> int:
     return max(g for g in range(1, min(LAYER_GROUPS, num_layers) + 1) if num_layers % g == 0)
+
+
+@dataclasses.dataclass
+class RingPlan:
+    """One step's far blocks, ready to load layer by layer: runs (first ring slot, first CPU
+    block, count) and, for the kernel, the ids on the device."""
+    runs: list[tuple[int, int, int]]
+    ids: torch.Tensor | None = None  # (2, n) CPU block ids, ring slots
 
 
 @dataclasses.dataclass
@@ -113,6 +126,7 @@ class TransferEngine:
         self.bytes = {"to_cpu": 0, "to_gpu": 0}
         self.num_split_loads = 0  # loads that went layer group by layer group
         self.ring: torch.Tensor | None = None  # Pie's staging ring (attach_ring), (entries, slots, 2, row)
+        self.ring_load = RING_LOAD
         self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
@@ -214,28 +228,48 @@ class TransferEngine:
         for layers, end in zip(ranges, self._issue("to_gpu", pairs, pipeline.flight, ranges)):
             pipeline.wait_before(layers.start or 0, end)
 
-    def load_ring_layer(self, runs: list[tuple[int, int, int]], layer: int,
-                        flight: _InFlight) -> torch.cuda.Event | None:
-        """One layer of the step's far blocks into ring entry layer % entries: runs are (first ring
-        slot, first CPU block, count), each one 2-D DMA of that layer's rows out of consecutive CPU
-        blocks. On the load stream after what it was told to wait for (wait_for_compute); returns
-        the event that marks its end (None on the CPU, where it has run)."""
+    def plan_ring(self, pairs: tuple[tuple[int, int], ...]) -> RingPlan:
+        """A step's (CPU block, ring slot) pairs as runs, and as device ids for the kernel."""
+        plan = RingPlan(self.ring_runs(pairs))
+        if self.on_gpu and self.ring_load == "kernel":
+            ids = torch.tensor([[c for c, _ in pairs], [s for _, s in pairs]], dtype=torch.int64)
+            plan.ids = ids.pin_memory().to(self.device, non_blocking=True)
+        return plan
+
+    def load_ring_layer(self, plan: RingPlan, layer: int, flight: _InFlight) -> torch.cuda.Event | None:
+        """One layer of the step's far blocks into ring entry layer % entries: per run of consecutive
+        CPU blocks one 2-D DMA of that layer's rows (or one copy-kernel launch for all). On the load
+        stream after what it was told to wait for (wait_for_compute); returns the event that marks
+        its end (None on the CPU, where it has run)."""
         assert self.ring is not None
         entry, cpu = self.ring[layer % self.ring.shape[0]], self.cpu_blocks[:, layer]  # (slots, 2, row), (Nc, 2, row)
-        self.bytes["to_gpu"] += sum(n for _, _, n in runs) * self.block_bytes // self.num_layers
+        self.bytes["to_gpu"] += sum(n for _, _, n in plan.runs) * self.block_bytes // self.num_layers
         if not self.on_gpu:
-            for slot, cpu_id, n in runs:
+            for slot, cpu_id, n in plan.runs:
                 entry[slot:slot + n].copy_(cpu[cpu_id:cpu_id + n])
             return None
         stream = self.streams["to_gpu"]
         with torch.cuda.stream(stream):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            for slot, cpu_id, n in runs:
-                dma.copy_rows(entry[slot:slot + n], cpu[cpu_id:cpu_id + n])
+            if plan.ids is not None:
+                copy_blocks(cpu.unsqueeze(1), entry.unsqueeze(1), plan.ids[0], plan.ids[1],
+                            num_programs=RING_KERNEL_PROGRAMS)
+            else:
+                self._ring_dma(entry, cpu, plan.runs)
             end.record(stream)
         flight.timed.append(("to_gpu", start, end))
         return end
+
+    @staticmethod
+    def _ring_dma(entry: torch.Tensor, cpu: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
+        """One 2-D copy per run, from raw addresses (a tensor slice per copy would cost more host
+        time than the copy's issue itself)."""
+        dst, dst_pitch = entry.data_ptr(), entry.stride(0) * entry.element_size()
+        src, src_pitch = cpu.data_ptr(), cpu.stride(0) * cpu.element_size()
+        row = entry[0].numel() * entry.element_size()
+        for slot, cpu_id, n in runs:
+            dma.copy_2d(dst + slot * dst_pitch, dst_pitch, src + cpu_id * src_pitch, src_pitch, row, n, entry.device)
 
     def wait_for_compute(self) -> None:
         """The load stream waits for the work issued so far on the compute stream."""

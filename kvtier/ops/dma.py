@@ -51,14 +51,20 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
             raise ValueError(f"copy_rows: a row must be contiguous, strides {x.stride()}")
     if row == 0:
         return
+    copy_2d(dst.data_ptr(), dst.stride(0) * dst.element_size(), src.data_ptr(), src.stride(0) * src.element_size(),
+            row, src.shape[0], dst.device if dst.is_cuda else src.device)
+
+
+def copy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, row_bytes: int, num_rows: int,
+            device: torch.device) -> None:
+    """copy_rows from raw addresses (pinned host or device memory, CUDA's unified addressing) on the
+    current stream of `device`: for callers that issue many copies and would spend more host time
+    slicing tensors than issuing them."""
     memcpy_2d = _memcpy_2d()
     if memcpy_2d is None:
         raise RuntimeError("copy_rows: no CUDA runtime binding (CuPy or cuda-python) imports; "
                            "check rows_available() first")
-    device = dst.device if dst.is_cuda else src.device
-    memcpy_2d(dst.data_ptr(), dst.stride(0) * dst.element_size(), src.data_ptr(),
-              src.stride(0) * src.element_size(), row, src.shape[0],
-              torch.cuda.current_stream(device).cuda_stream)
+    memcpy_2d(dst, dst_pitch, src, src_pitch, row_bytes, num_rows, torch.cuda.current_stream(device).cuda_stream)
 
 
 def rows_available(device: torch.device) -> bool:

@@ -265,6 +265,7 @@ def _add_bench_expansion(bsub) -> None:
     ex.add_argument("--ring-load", choices=("dma", "kernel"), default="dma",
                     help="how far blocks reach the GPU staging ring: 2-D DMA copies per run of CPU blocks, "
                          "or the copy kernel reading pinned memory")
+    ex.add_argument("--ring-programs", type=int, default=8, help="the copy kernel's programs (--ring-load kernel)")
     ex.add_argument("--output-json", default=None, help="write the results here")
     ex.add_argument("--plot", default=None, help="write a PNG of step time against fraction here")
     add_engine_args(ex, positional_model=False)

@@ -41,6 +41,7 @@ class ExpansionBenchConfig:
     steps: int = 20  # measured decode steps per fraction
     controller_steps: int = 150
     ring_load: str = "dma"  # TransferEngine.ring_load
+    ring_programs: int = 8  # the copy kernel's programs (ring_load "kernel")
     output_json: str | None = None
     plot: str | None = None
 
@@ -84,6 +85,7 @@ def run_sweep(llm: LLM, cfg: ExpansionBenchConfig) -> dict[str, Any]:
         raise ValueError("build the engine with --kv-expansion set to the largest fraction swept (it sizes the ring)")
     engine.kv_cache.far_fraction = 0.0
     engine.worker.transfers.ring_load = cfg.ring_load
+    engine.worker.transfers.ring_programs = cfg.ring_programs
     new_tokens = len(fractions) * (cfg.steps + 64) + cfg.controller_steps + 192
     start_decoding(llm, cfg.batch, cfg.input_len, new_tokens, GREEDY)
     link = host_link_bandwidth(engine.device, 1 << 28)
@@ -107,7 +109,7 @@ def run_sweep(llm: LLM, cfg: ExpansionBenchConfig) -> dict[str, Any]:
     controller = _run_controller(llm, cfg, weights_gb, points[0], max(fractions))
     return {"feature": "expansion", "far_tier": "cpu", "device": _device_name(engine.device),
             "torch": torch.__version__, "model": engine.model_name, "batch": cfg.batch, "input_len": cfg.input_len,
-            "link_gb_s": link / 1e9, "ring_load": cfg.ring_load, "points": points,
+            "link_gb_s": link / 1e9, "ring_load": cfg.ring_load, "ring_programs": cfg.ring_programs, "points": points,
             "knee_fraction": max(p["fraction"] for p in points if p["slowdown"] <= KNEE_SLOWDOWN),
             "predicted_fraction": _predicted_knee(base, layers, points, link),
             **controller}

@@ -262,15 +262,27 @@ class KVCacheManager:
     def num_far_blocks(self) -> int:
         return sum(len(f) for f in self.req_far.values())
 
-    def rebalance_far(self, request: Request) -> None:
-        """Bring the request's far prefix to far_fraction of its computed full blocks (within
-        max_far_blocks in all): its oldest blocks go far, or, when the fraction fell, its newest far
-        ones come back (a load before the step, into fresh GPU blocks while there are free ones)."""
-        if self.cpu_pool is None or (self.far_fraction <= 0 and request.request_id not in self.req_far):
-            return
+    def far_targets(self, requests: list[Request]) -> dict[str, int]:
+        """Far blocks per running request: far_fraction of all their computed full blocks, handed
+        out in order by the running sum (request i gets floor(f * blocks through i) - floor(f *
+        blocks before i)), so a small fraction still moves floor(f * total) blocks, not zero."""
+        if self.cpu_pool is None or (self.far_fraction <= 0 and not self.req_far):
+            return {}
+        targets, through, before = {}, 0, 0
+        for request in requests:
+            through += request.num_computed_tokens // self.block_size
+            targets[request.request_id] = int(self.far_fraction * through) - before
+            before += targets[request.request_id]
+        return targets
+
+    def rebalance_far(self, request: Request, target: int) -> None:
+        """Bring the request's far prefix to `target` blocks (within max_far_blocks in all): its
+        oldest blocks go far, or, when the target fell, its newest far ones come back (a load
+        before the step, into fresh GPU blocks while there are free ones)."""
         far = self.req_far.get(request.request_id, [])
-        target = int(self.far_fraction * (request.num_computed_tokens // self.block_size))
-        target = min(target, len(far) + self.max_far_blocks - self.num_far_blocks())
+        gpu_blocks = len(self.req_blocks.get(request.request_id, ()))
+        target = min(target, request.num_computed_tokens // self.block_size, len(far) + gpu_blocks - 1,
+                     len(far) + self.max_far_blocks - self.num_far_blocks())
         if target < len(far):
             self._bring_near(request.request_id, len(far) - target)
         else:

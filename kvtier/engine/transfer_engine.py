@@ -126,7 +126,7 @@ class TransferEngine:
         self.bytes = {"to_cpu": 0, "to_gpu": 0}
         self.num_split_loads = 0  # loads that went layer group by layer group
         self.ring: torch.Tensor | None = None  # Pie's staging ring (attach_ring), (entries, slots, 2, row)
-        self.ring_load = RING_LOAD
+        self.ring_load, self.ring_programs = RING_LOAD, RING_KERNEL_PROGRAMS
         self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
@@ -254,7 +254,7 @@ class TransferEngine:
             start.record(stream)
             if plan.ids is not None:
                 copy_blocks(cpu.unsqueeze(1), entry.unsqueeze(1), plan.ids[0], plan.ids[1],
-                            num_programs=RING_KERNEL_PROGRAMS)
+                            num_programs=self.ring_programs)
             else:
                 self._ring_dma(entry, cpu, plan.runs)
             end.record(stream)

@@ -109,6 +109,7 @@ class Scheduler:
 
     def _schedule_running(self, budget: int, scheduled: list[tuple[Request, int]], preempted: list[Request],
                           only: frozenset[str] | None) -> int:
+        far_targets = self.kv_cache.far_targets(self.running)  # Pie: {} when nothing goes far
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -119,7 +120,8 @@ class Scheduler:
             if num_new <= 0:  # its pending tokens reach a limit: wait for them
                 i += 1
                 continue
-            self.kv_cache.rebalance_far(request)  # Pie: its oldest blocks may go far, freeing GPU blocks
+            if request.request_id in far_targets:  # Pie: its oldest blocks may go far, freeing GPU blocks
+                self.kv_cache.rebalance_far(request, far_targets[request.request_id])
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -26,6 +26,7 @@ swapped requests (one reference each) and in-flight copies.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from kvtier.cache.block_pool import Block, BlockPool
 from kvtier.cache.hashing import hash_full_blocks
@@ -71,6 +72,8 @@ class KVCacheManager:
         self.far_fraction = 0.0
         self.max_far_blocks = 0
         self.far_changed: set[str] = set()  # requests whose far prefix grew since their last plan
+        self._far_offsets: dict[str, float] = {}  # far_targets' rounding offset per request
+        self._far_counter = itertools.count()
         self.moves = MoveBuilder()  # the copies of the step being planned
         self.pending = PendingTransfers()
         self.prefix_queries = 0  # prompt tokens of admitted requests
@@ -263,17 +266,20 @@ class KVCacheManager:
         return sum(len(f) for f in self.req_far.values())
 
     def far_targets(self, requests: list[Request]) -> dict[str, int]:
-        """Far blocks per running request: far_fraction of all their computed full blocks, handed
-        out in order by the running sum (request i gets floor(f * blocks through i) - floor(f *
-        blocks before i)), so a small fraction still moves floor(f * total) blocks, not zero."""
+        """Far blocks per running request: floor(f * its computed full blocks + its own offset in
+        [0, 1)), the offsets spread evenly over requests (the golden ratio's multiples), so a
+        fraction too small for one block a request still moves about f of all blocks. A request's
+        target changes only when its own blocks or f do: no block goes back and forth."""
         if self.cpu_pool is None or (self.far_fraction <= 0 and not self.req_far):
             return {}
-        targets, through, before = {}, 0, 0
-        for request in requests:
-            through += request.num_computed_tokens // self.block_size
-            targets[request.request_id] = int(self.far_fraction * through) - before
-            before += targets[request.request_id]
-        return targets
+        return {r.request_id: int(self.far_fraction * (r.num_computed_tokens // self.block_size)
+                                  + self._far_offset(r.request_id)) for r in requests}
+
+    def _far_offset(self, request_id: str) -> float:
+        offset = self._far_offsets.get(request_id)
+        if offset is None:
+            offset = self._far_offsets[request_id] = (next(self._far_counter) * 0.6180339887) % 1.0
+        return offset
 
     def rebalance_far(self, request: Request, target: int) -> None:
         """Bring the request's far prefix to `target` blocks (within max_far_blocks in all): its
@@ -378,6 +384,7 @@ class KVCacheManager:
 
     def forget(self, request: Request) -> None:
         self.req_hashes.pop(request.request_id, None)
+        self._far_offsets.pop(request.request_id, None)
 
     def num_held_blocks(self) -> int:
         """GPU blocks held by requests."""

@@ -125,7 +125,9 @@ class LLMEngine:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             self.expansion = AdaptiveExpansion(ExpansionController(max_fraction=ADAPTIVE_MAX_FRACTION), weights)
             self.kv_cache.far_fraction = 0.0
-        self._timed_steps: collections.deque[tuple[Any, Any, float, int, int]] = collections.deque()
+        # decode steps whose period the controller has not seen: (start, next step's start, far blocks, KV bytes)
+        self._timed_steps: collections.deque[tuple[Any, Any, int, int]] = collections.deque()
+        self._last_decode: tuple[Any, int, int, int] | None = None
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -388,22 +390,26 @@ class LLMEngine:
         return outputs
 
     def _observe_expansion(self, step: _IssuedStep) -> None:
-        """Adaptive expansion: each decode step's device time (CUDA events, read once complete: no
-        sync; the host's clock on the CPU) goes to the controller, whose fraction the cache
-        manager then follows."""
+        """Adaptive expansion: each decode step's period, from its start on the device to the next
+        decode step's (CUDA events, read once complete: no sync; the host's clock on the CPU), goes
+        to the controller, whose fraction the cache manager then follows. The period, not the
+        step's own span: host work that far blocks add (and the device waits for) counts too."""
         assert self.expansion is not None
         plan, future = step.plan, step.future
         if plan.is_empty or plan.num_batched_tokens != len(plan.scheduled) or future is None:
-            return  # decode steps only: a prefill's time says nothing about the far share
+            self._last_decode = None  # decode steps only: a prefill's time says nothing about the far share
+            return
         far = sum(len(s.far_block_ids) for s in plan.scheduled)
         kv_bytes = sum(s.start_pos + 1 for s in plan.scheduled) * self.kv_spec.bytes_per_token
-        seconds = time.perf_counter() - step.issued
-        self._timed_steps.append((future.device_start, future.device_end, seconds, far, kv_bytes))
-        while self._timed_steps and (self._timed_steps[0][1] is None or self._timed_steps[0][1].query()):
-            start, end, seconds, far, kv_bytes = self._timed_steps.popleft()
-            if end is not None:
-                seconds = start.elapsed_time(end) / 1e3
-            self.kv_cache.far_fraction = self.expansion.observe(seconds, far, kv_bytes)
+        if future.device_start is None:  # the CPU: the step's own time on the host
+            self.kv_cache.far_fraction = self.expansion.observe(time.perf_counter() - step.issued, far, kv_bytes)
+            return
+        last, self._last_decode = self._last_decode, (future.device_start, far, kv_bytes, plan.transfers.step_id)
+        if last is not None and last[3] + 1 == plan.transfers.step_id:
+            self._timed_steps.append((last[0], future.device_start, last[1], last[2]))
+        while self._timed_steps and self._timed_steps[0][1].query():
+            start, next_start, far, kv_bytes = self._timed_steps.popleft()
+            self.kv_cache.far_fraction = self.expansion.observe(start.elapsed_time(next_start) / 1e3, far, kv_bytes)
 
     def _abandon_inflight(self) -> list[str]:
         """After a failure: the issued steps whose tokens were not taken are undone (async

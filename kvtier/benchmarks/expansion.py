@@ -127,14 +127,15 @@ def _run_controller(llm: LLM, cfg: ExpansionBenchConfig, weights_gb: float, zero
         engine.step()
         fractions.append(engine.kv_cache.far_fraction)
     synchronize(engine.device)
-    log, engine.step_log, engine.expansion = engine.step_log, None, None
+    log, engine.step_log = engine.step_log, None
+    history, engine.expansion = engine.expansion.history, None
     tail = [r for r in log[-(len(log) // 3):] if r.device_start is not None]
     per_byte = zero["step_ms"] / (weights_gb + zero["kv_gb"])
     slowdowns = [a.device_start.elapsed_time(b.device_start) / (per_byte * (weights_gb + a.sum_seq_lens
                  * engine.kv_spec.bytes_per_token / 1e9)) - 1 for a, b in zip(tail, tail[1:])]
     return {"controller_fraction": statistics.median(fractions[-(len(fractions) // 3):]),
             "controller_slowdown": statistics.median(slowdowns) if slowdowns else None,
-            "controller_trace": fractions}
+            "controller_trace": fractions, "controller_history": history}
 
 
 def _predicted_knee(base: float, layers: int, points: list[dict[str, Any]], link: float) -> float:

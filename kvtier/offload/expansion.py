@@ -134,6 +134,8 @@ class AdaptiveExpansion:
     weight_bytes: float
     window: int = 8
     _per_byte: list[float] = dataclasses.field(default_factory=list)
+    # (step seconds, reference seconds, far blocks, fraction after) of the last steps, for benchmarks
+    history: list[tuple[float, float, int, float]] = dataclasses.field(default_factory=list)
 
     def observe(self, step_seconds: float, num_far_blocks: int, bytes_read: float) -> float:
         """The far fraction for the next steps, after a decode step of `step_seconds`."""
@@ -143,7 +145,9 @@ class AdaptiveExpansion:
         if not self._per_byte:
             return self.controller.fraction
         reference = sorted(self._per_byte)[len(self._per_byte) // 2] * total
-        return self.controller.update(step_seconds, reference)
+        fraction = self.controller.update(step_seconds, reference)
+        self.history = (self.history + [(step_seconds, reference, num_far_blocks, fraction)])[-1000:]
+        return fraction
 
     @property
     def reference_ready(self) -> bool:

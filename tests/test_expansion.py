@@ -106,8 +106,10 @@ def test_adaptive_reference_follows_the_bytes_a_step_reads():
     """The reference is the median time per byte of steps with nothing far, times this step's
     bytes: a step that reads twice the bytes in twice the time is not a slowdown."""
     tracker = AdaptiveExpansion(ExpansionController(), weight_bytes=1e9)
+    assert tracker.observe(0.019, 0, 1e9) == 0.0  # an outlier first step: no reference from it alone
     for _ in range(4):
         assert tracker.observe(0.010, 0, 1e9) == 0.0 or tracker.reference_ready
+    assert tracker.reference_ready and tracker.controller.fraction > 0  # started, on the median
     before = tracker.controller.fraction
     tracker.observe(0.020, 5, 3e9)  # (1 + 3) / (1 + 1) = 2x the bytes, 2x the time: on time
     assert tracker.controller.fraction > before

@@ -128,11 +128,15 @@ class AdaptiveExpansion:
     reference, the step with nothing far scaled by the bytes a step reads (weights + the KV of its
     contexts: the roofline's numerator, so the reference follows the batch and the contexts).
     The reference's time per byte is the median of the last `window` steps that had nothing far
-    (the first steps, and any after a cut to zero)."""
+    (the first steps, and any after a cut to zero); the controller starts once `min_reference`
+    of them are in (one step alone was an outlier on the H200: the first step after a burst of
+    loads took 1.9x a decode step and, taken as the reference, let the far share grow 30x past
+    the knee)."""
 
     controller: ExpansionController
     weight_bytes: float
     window: int = 8
+    min_reference: int = 5
     _per_byte: list[float] = dataclasses.field(default_factory=list)
     # (step seconds, reference seconds, far blocks, fraction after) of the last steps, for benchmarks
     history: list[tuple[float, float, int, float]] = dataclasses.field(default_factory=list)
@@ -142,7 +146,7 @@ class AdaptiveExpansion:
         total = self.weight_bytes + bytes_read
         if num_far_blocks == 0:
             self._per_byte = (self._per_byte + [step_seconds / total])[-self.window:]
-        if not self._per_byte:
+        if len(self._per_byte) < self.min_reference:
             return self.controller.fraction
         reference = sorted(self._per_byte)[len(self._per_byte) // 2] * total
         fraction = self.controller.update(step_seconds, reference)
@@ -151,4 +155,4 @@ class AdaptiveExpansion:
 
     @property
     def reference_ready(self) -> bool:
-        return bool(self._per_byte)
+        return len(self._per_byte) >= self.min_reference

@@ -68,3 +68,24 @@ def test_sharegpt_reader_recovers_every_whole_conversation():
         assert conv["conversations"] is not None
         n += 1
     assert n == 17671  # the package's JSON is cut off after this many whole conversations
+
+
+def test_bench_expansion_sweeps_fractions_and_runs_the_controller(tmp_path, capsys):
+    """`kvtier bench expansion` on the CPU: each fraction's far blocks are what was asked (of the
+    full blocks), each point has its prediction, and the issue's keys are in the JSON."""
+    out = tmp_path / "expansion.json"
+    assert main(["bench", "expansion", "--model", "tiny-llama", "--load-format", "dummy", "--skip-tokenizer-init",
+                 "--kv-offloading-size", "0.05", "--kv-expansion", "0.3", "--batch", "4", "--input-len", "64",
+                 "--fractions", "0,0.1,0.3", "--steps", "3", "--controller-steps", "8", "--max-model-len", "256",
+                 "--block-size", "4", "--output-json", str(out), "--plot", str(tmp_path / "expansion.png")]) == 0
+    res = json.loads(out.read_text())
+    assert (tmp_path / "expansion.png").stat().st_size > 0
+    assert {"feature", "device", "far_tier", "knee_fraction", "predicted_fraction", "controller_fraction",
+            "controller_slowdown"} <= set(res)
+    assert (res["feature"], res["far_tier"]) == ("expansion", "cpu")
+    points = res["points"]
+    assert [p["fraction"] for p in points] == [0.0, 0.1, 0.3] and points[0]["far_blocks"] == 0
+    for p in points[1:]:  # each request rounds its share up or down: within a block a request
+        assert p["fraction"] * p["full_blocks"] - 4 <= p["far_blocks"] <= p["fraction"] * p["full_blocks"] + 4
+    assert all(p["predicted_ms"] >= p["reference_ms"] for p in points)
+    assert "knee" in capsys.readouterr().out

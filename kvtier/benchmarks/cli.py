@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from kvtier.benchmarks.datasets import random_requests, sharegpt_requests
+from kvtier.benchmarks.plotting import require_matplotlib, save_results
 from kvtier.benchmarks.throughput import DeviceRates, benchmark, compare_hf
 from kvtier.engine_args import engine_kwargs
 from kvtier.sampling_params import SamplingParams
@@ -62,15 +63,13 @@ def run_bench_expansion(args: argparse.Namespace) -> int:
     from kvtier.benchmarks.expansion import ExpansionBenchConfig, plot_points, print_points, run_sweep
     from kvtier.entrypoints.llm import LLM
     cfg = ExpansionBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpansionBenchConfig)})
-    cfg.fraction_list()  # a clear error before the engine is built
+    cfg.fraction_list()  # clear errors before the engine is built
+    if cfg.plot:
+        require_matplotlib("--plot")
     llm = LLM(**engine_kwargs(args))
     result = run_sweep(llm, cfg)
     result["command"] = " ".join(["kvtier", *sys.argv[1:]])
-    if cfg.output_json:
-        with open(cfg.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-    if cfg.plot:
-        plot_points(result, cfg.plot)
+    save_results(result, cfg.output_json, cfg.plot, plot_points)
     print_points(result)
     return 0
 

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from kvtier.benchmarks.plotting import new_figure
 from kvtier.benchmarks.throughput import GREEDY, StepCosts, start_decoding
+from kvtier.engine.transfer_engine import _InFlight
 from kvtier.entrypoints.llm import LLM
 from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController, pipelined_step_seconds
 from kvtier.offload.hardware import host_link_bandwidth, synchronize
@@ -88,16 +90,18 @@ def run_sweep(llm: LLM, cfg: ExpansionBenchConfig) -> dict[str, Any]:
     engine.worker.transfers.ring_programs = cfg.ring_programs
     new_tokens = len(fractions) * (cfg.steps + 64) + cfg.controller_steps + 192
     start_decoding(llm, cfg.batch, cfg.input_len, new_tokens, GREEDY)
-    link = host_link_bandwidth(engine.device, 1 << 28)
+    link_dma = host_link_bandwidth(engine.device, 1 << 28)
+    link = ring_load_rate(engine)  # what the load path itself moves, alone (the model's link)
     kv_bytes_per_token, layers = engine.kv_spec.bytes_per_token, engine.model_config.num_layers
     points = []
     for fraction in fractions:
         settle_steps = _settle(llm, fraction)
         seconds, far_blocks = _measure(llm, cfg.steps)
         context = sum(r.num_computed_tokens for r in engine.scheduler.running)
+        full_blocks = sum(r.num_computed_tokens // engine.config.block_size for r in engine.scheduler.running)
         far_bytes = far_blocks * engine.config.block_size * kv_bytes_per_token
-        points.append({"fraction": fraction, "far_blocks": far_blocks, "far_gb": far_bytes / 1e9,
-                       "kv_gb": context * kv_bytes_per_token / 1e9, "step_ms": seconds * 1e3,
+        points.append({"fraction": fraction, "far_blocks": far_blocks, "full_blocks": full_blocks,
+                       "far_gb": far_bytes / 1e9, "kv_gb": context * kv_bytes_per_token / 1e9, "step_ms": seconds * 1e3,
                        "settle_steps": settle_steps})
     weights_gb = StepCosts.of(llm).weight_bytes / 1e9
     for p in points:  # f = 0's step at this point's context: the roofline's bytes scale it
@@ -109,7 +113,8 @@ def run_sweep(llm: LLM, cfg: ExpansionBenchConfig) -> dict[str, Any]:
     controller = _run_controller(llm, cfg, weights_gb, points[0], max(fractions))
     return {"feature": "expansion", "far_tier": "cpu", "device": _device_name(engine.device),
             "torch": torch.__version__, "model": engine.model_name, "batch": cfg.batch, "input_len": cfg.input_len,
-            "link_gb_s": link / 1e9, "ring_load": cfg.ring_load, "ring_programs": cfg.ring_programs, "points": points,
+            "link_gb_s": link / 1e9, "link_dma_gb_s": link_dma / 1e9, "ring_load": cfg.ring_load,
+            "ring_programs": cfg.ring_programs, "points": points,
             "knee_fraction": max(p["fraction"] for p in points if p["slowdown"] <= KNEE_SLOWDOWN),
             "predicted_fraction": _predicted_knee(base, layers, points, link),
             **controller}
@@ -136,6 +141,25 @@ def _run_controller(llm: LLM, cfg: ExpansionBenchConfig, weights_gb: float, zero
     return {"controller_fraction": statistics.median(fractions[-(len(fractions) // 3):]),
             "controller_slowdown": statistics.median(slowdowns) if slowdowns else None,
             "controller_trace": fractions, "controller_history": history}
+
+
+def ring_load_rate(engine, num_blocks: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of the engine's ring loads alone: `num_blocks` scattered CPU blocks (every other one,
+    so one run each, as far blocks of different requests are) into ring slots, every layer, the
+    median of `repeats` (CUDA events). The host link's rate on a CPU-only machine."""
+    transfers = engine.worker.transfers
+    if not transfers.on_gpu:
+        return host_link_bandwidth(engine.device, 1 << 24)
+    n = min(num_blocks, transfers.ring.shape[1], transfers.num_cpu_blocks // 2)
+    plan = transfers.plan_ring(tuple((2 * i, i) for i in range(n)))
+    flight, seconds = _InFlight(-1, []), []
+    for _ in range(repeats + 1):
+        transfers.wait_for_compute()
+        ends = [transfers.load_ring_layer(plan, layer, flight) for layer in range(transfers.num_layers)]
+        ends[-1].synchronize()
+        seconds.append(sum(start.elapsed_time(end) for _, start, end in flight.timed) / 1e3)
+        flight.timed.clear()
+    return n * transfers.block_bytes / statistics.median(seconds[1:])
 
 
 def _predicted_knee(base: float, layers: int, points: list[dict[str, Any]], link: float) -> float:
@@ -166,11 +190,9 @@ def print_points(result: dict[str, Any]) -> None:
 
 
 def plot_points(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     xs = [p["fraction"] for p in result["points"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     ax.plot(xs, [p["step_ms"] for p in result["points"]], "o-", label="measured")
     ax.plot(xs, [p["predicted_ms"] for p in result["points"]], "s--", label="pipeline model")
     ax.axvline(result["knee_fraction"], color="gray", linestyle=":", label="knee (measured)")

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtier.benchmarks.datasets import random_requests, read_sharegpt
-from kvtier.benchmarks.plotting import new_figure, require_matplotlib
+from kvtier.benchmarks.plotting import new_figure, require_matplotlib, save_results
 from kvtier.benchmarks.stats import latency_stats
 from kvtier.benchmarks.throughput import device_info
 from kvtier.cache.storage import StorageSpec, Tier
@@ -516,11 +516,7 @@ def run_multiturn(cfg: MultiturnConfig, engine_kwargs: dict[str, Any], progress:
             for on in cfg.cpu_tier_settings]
     result = {"benchmark": "multiturn", "config": dataclasses.asdict(cfg), "num_conversations": len(conversations),
               "conversation_tokens": [c.num_tokens for c in conversations], "runs": runs}
-    if cfg.output_json:
-        with open(cfg.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-    if cfg.plot:
-        plot_runs(runs, cfg.plot)
+    save_results(result, cfg.output_json, cfg.plot, lambda _, path: plot_runs(runs, path))
     print_table(runs)
     for run in runs:
         print(stall_line(run))

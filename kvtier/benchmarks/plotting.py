@@ -3,6 +3,7 @@ it is imported here, and only when a plot is asked for."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 MISSING_MATPLOTLIB = "plots need matplotlib: install kvtier[bench] (pip install -e '.[bench]')"
@@ -14,6 +15,15 @@ def require_matplotlib(option: str) -> None:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ValueError(f"{option}: {MISSING_MATPLOTLIB}") from e
+
+
+def save_results(result: Any, output_json: str | None, plot: str | None, draw: Any) -> None:
+    """A benchmark's results as JSON (when asked) and its figure, `draw(result, plot)` (when asked)."""
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    if plot:
+        draw(result, plot)
 
 
 def new_figure(**kwargs: Any) -> Any:

@@ -12,12 +12,13 @@ sums each row in one fixed order whatever the batch. Rows with top_p >= 1 (the s
 inf for "no top-p") get t = 0.0, which keeps every token; so does a row whose mass falls short of
 top_p by rounding.
 
-Algorithm (the kernels). Probabilities are nonnegative fp32, and the int32 bit patterns of
-nonnegative floats are ordered like the floats, so t is the largest bit pattern b in
-[0, bits(1.0)] with mass(probs >= float(b)) >= top_p: a search over ~2**30 integers, whose answer
-is always one of the row's own values. Each pass over the row tests K candidates at once (a
-(K, BLOCK) compare per block of the row) and keeps the one of K + 1 pieces of the range that holds
-the answer, so 2**30 narrows to one bit pattern in 8 passes at K = 16 (30 as a binary search):
+Algorithm (the kernel, one program per row). Probabilities are nonnegative fp32, and the int32
+bit patterns of nonnegative floats are ordered like the floats, so t is the largest bit pattern
+b in [0, bits(1.0)] with mass(probs >= float(b)) >= top_p: a search over ~2**30 integers, whose
+answer is always one of the row's own values. Each pass over the row tests K candidates at once
+(a (K, BLOCK) compare per chunk of the row) and keeps the one of K + 1 pieces of the range that
+holds the answer, so 2**30 narrows to one bit pattern in 8 passes at K = 16 (30 as a binary
+search):
 
     bit patterns     0                                                            bits(1.0)
     pass 1           lo |--+--+--+--+--+--+--+--+--+--+--+--+--+--+--+--+--| hi    K = 16
@@ -27,30 +28,13 @@ the answer, so 2**30 narrows to one bit pattern in 8 passes at K = 16 (30 as a b
     ...
     pass 8           hi = lo + 1: t = float(lo)
 
-Each pass is one launch over every row's chunks (chunk_cols() columns each), and a last launch
-narrows once more and writes t:
-
-    row of V columns   | chunk 0 | chunk 1 | ... | chunk S-1 |      S = ceil(V / chunk_cols())
-    pass j             program (row, c): the K masses of chunk c -> partials[row, j % 2, c]
-    pass j + 1         every program (row, c) first sums partials[row, j % 2, :] over the chunks
-                       and narrows [lo, hi) itself: the same numbers in the same order, so the
-                       row's programs agree on the candidates without talking
-    finish             program row: the same narrowing, the last: t
-
-The chunks, and so the order of every sum, depend on V alone: a row's t does not depend on the
-rest of the batch, and is the same on every run. Grids and buffers are sized from host ints: no
-sync, and a CUDA graph can capture the NUM_PASSES + 1 launches. After two passes [lo, hi) is
-narrow (within 1.4x of t), and blocks holding no probability inside it skip the compares (see
-the kernels' module).
-
-The kernels' masses are fp32 sums in an order of their own, the reference's the cumsum of the
+The kernel's masses are fp32 sums in an order of its own, the reference's the cumsum of the
 sorted row: where top_p lies within rounding (~1e-7) of the mass at a cut, the two may cut one
 distinct value apart, far below sampling noise. tests/test_top_p.py compares them exactly at
-V = 1000, 1200 (in 5 chunks) and 2500, and at V = 128256 on the rows whose cut is not within 1e-5
-of top_p.
+V = 1000 and 2500, and at V = 128256 on the rows whose cut is not within 1e-5 of top_p.
 
 This module imports nothing from kvtier, and no Triton until a kernel launches (TRITON_INTERPRET
-is read when Triton is imported; under TRITON_INTERPRET=1 the kernels also run on CPU tensors).
+is read when Triton is imported; under TRITON_INTERPRET=1 the kernel also runs on CPU tensors).
 """
 
 from __future__ import annotations
@@ -59,28 +43,23 @@ import torch
 
 from kvtier.ops import lazy_kernels
 
-# Untuned defaults, chosen by arithmetic and an offline sm_90a compile (Triton 3.9); never timed
-# (no GPU was at hand). For Llama-3 (V = 128256) on an H200 (132 SMs):
-#   K = 16         a pass narrows the range 17-fold: 8 passes (a binary search: 30 reads of the row),
-#                  K compare-and-adds an element a pass (~3 instructions each, the bulk of the work);
-#                  from the third pass on most blocks skip them (the kernels' module)
-#   BLOCK = 512    at 8 warps, 2 elements and 32 fp32 partial sums a thread: 77 registers, no
-#                  spills, 3 programs (24 warps) an SM; 4 elements a thread (1024 x 8) take 168
-#   8 blocks       a chunk of 4096 columns, 32 a row: 2048 programs a pass at batch 64 (~5 rounds
-#                  of 396), 8192 at 256, 32 at batch 1; each first reads its row's 32 x K partial
-#                  masses (2 KB, beside 16 KB of probabilities), 32 chunks a load
-#   4 stages       the software-pipelined loop keeps 3 blocks (6 KB) in flight a program, ~18 KB an
-#                  SM, near HBM's bandwidth x latency (~25 KB an SM); it costs ~27 instructions a
-#                  block (~160 in all with the compares)
-# Sweep on the target GPU (V = 128256, batch 1, 64, 256): K in {8, 16}, BLOCK x num_warps in
-# {256 x 4, 512 x 8, 1024 x 16}, BLOCKS_PER_CHUNK in {4, 8, 16}, NUM_STAGES in {2, 3, 4, 6}.
+# Untuned defaults, chosen by arithmetic; never timed (no GPU was at hand). At K = 16 a pass
+# narrows the range 17-fold: 8 passes, each element costing K compare-and-adds a pass (128 in
+# all; a binary search: 30 passes of 1, but 30 reads of the row). The (K, BLOCK) fp32 partial
+# sums are K * BLOCK / (32 * num_warps) = 64 registers a thread at 1024 x 8 warps; compiled
+# offline for sm_90a (Triton 3.9, ptxas 13.4) the kernel uses 109 registers, spills none, and a
+# warp issues ~215 instructions a chunk, about as long as an L2 round trip (~250 cycles), which
+# the loop (not software-pipelined) waits for once a chunk: a much smaller K leaves that wait
+# exposed. Sweep on the target GPU (V = 128256, batch 1 to 256): K in {4, 8, 16, 32}, BLOCK in
+# {512, 1024, 2048}, num_warps in {4, 8, 16}.
+# H200, 2026-12-01 (Llama-3-8B decode, profiled in the engine): 0.46 ms at 64 rows, 0.89 ms at 256.
+# A variant that split each row over 32 programs (a launch per pass, partial masses per 4096-column
+# chunk, blocks outside [candidate, hi) skipping the compares) took 0.39 ms at 64 rows and 1.41 ms
+# at 256 (benchmarks/results/h200-2026-12-01/issue12/run7/top_p.json): slower where sampling costs
+# most, so not kept.
 TOP_P_K = 16
-TOP_P_BLOCK = 512
-TOP_P_BLOCKS_PER_CHUNK = 8
+TOP_P_BLOCK = 1024
 TOP_P_NUM_WARPS = 8
-TOP_P_CHUNKS_AT_ONCE = 32
-TOP_P_NUM_STAGES = 4
-_FINISH_NUM_WARPS = 1
 
 _ONE_BITS = 0x3F800000  # the int32 bit pattern of 1.0
 _BACKENDS = (None, "triton", "torch")
@@ -134,10 +113,9 @@ def top_p_threshold_ref(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tenso
 
 
 def precompile(device: torch.device) -> None:
-    """Compile the kernels' one variant each now (on a CUDA device, with Triton installed), not at
-    the first sampled step mid-serving: nothing that varies is specialized on (see the kernels), so
-    a one-row search keys like every batch, and it launches both kernels (every pass and the
-    finish). A no-op elsewhere, and Triton is not imported off CUDA."""
+    """Compile the kernel's one variant now (on a CUDA device, with Triton installed), not at the
+    first sampled step mid-serving: nothing that varies is specialized on (see the kernel), so a
+    one-row launch keys like every batch. A no-op elsewhere, and Triton is not imported off CUDA."""
     if device.type != "cuda":
         return
     kernel = _kernel_module()
@@ -145,12 +123,6 @@ def precompile(device: torch.device) -> None:
         return
     probs = torch.full((1, 16), 1 / 16, dtype=torch.float32, device=device)  # (1, 16) uniform
     top_p_threshold(probs, torch.full((1,), 0.5, device=device), backend="triton")
-
-
-def chunk_cols() -> int:
-    """Columns of a row that one program of a pass reads: the chunks are fixed by this and the
-    vocabulary alone, and so is the order of every sum (never by the batch)."""
-    return TOP_P_BLOCK * TOP_P_BLOCKS_PER_CHUNK
 
 
 def num_passes(k: int = TOP_P_K) -> int:
@@ -166,22 +138,10 @@ def num_passes(k: int = TOP_P_K) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _launch(probs: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> None:
-    """The search's NUM_PASSES + 1 launches (the kernel module's docstring): fixed grids and
-    buffers sized from host ints, so no sync, and a CUDA graph can capture them."""
     kernel = _kernel_module()
-    num_rows, num_cols = probs.shape
-    num_chunks = -(-num_cols // chunk_cols())
-    top_p = top_p.contiguous()
-    bounds = torch.empty((num_rows, 2, 2), dtype=torch.int32, device=probs.device)
-    partials = torch.empty((num_rows, 2, num_chunks, TOP_P_K), dtype=torch.float32, device=probs.device)
-    for pass_index in range(_NUM_PASSES):
-        kernel._top_p_pass_kernel[(num_rows, num_chunks)](
-            probs, top_p, bounds, partials, num_cols, probs.stride(0), num_chunks, pass_index,
-            BLOCK=TOP_P_BLOCK, BLOCKS_PER_CHUNK=TOP_P_BLOCKS_PER_CHUNK, K=TOP_P_K,
-            CHUNKS_AT_ONCE=TOP_P_CHUNKS_AT_ONCE, NUM_STAGES=TOP_P_NUM_STAGES, num_warps=TOP_P_NUM_WARPS)
-    kernel._top_p_finish_kernel[(num_rows,)](
-        top_p, bounds, partials, out, num_chunks, _NUM_PASSES, K=TOP_P_K,
-        CHUNKS_AT_ONCE=TOP_P_CHUNKS_AT_ONCE, num_warps=_FINISH_NUM_WARPS)
+    kernel._top_p_threshold_kernel[(probs.shape[0],)](
+        probs, top_p.contiguous(), out, probs.shape[1], probs.stride(0),
+        BLOCK=TOP_P_BLOCK, K=TOP_P_K, NUM_PASSES=_NUM_PASSES, num_warps=TOP_P_NUM_WARPS)
 
 
 def _check_args(probs: torch.Tensor, top_p: torch.Tensor) -> None:
@@ -211,7 +171,7 @@ def _check_kernel_args(probs: torch.Tensor) -> None:
     if not probs.is_cuda and not interpreted:
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run it on the CPU)")
-    if probs.shape[1] > 2**31 - chunk_cols() or probs.stride(0) >= 2**31:
+    if probs.shape[1] >= 2**31 or probs.stride(0) >= 2**31:
         raise ValueError(f"probs of shape {tuple(probs.shape)}, strides {probs.stride()}: the kernel "
                          "indexes a row with int32")
 

@@ -262,7 +262,7 @@ def _add_bench_expansion(bsub) -> None:
     ex.add_argument("--steps", type=int, default=20, help="decode steps timed per fraction (median)")
     ex.add_argument("--controller-steps", type=int, default=150,
                     help="decode steps the adaptive controller runs from 0 after the sweep")
-    ex.add_argument("--ring-load", choices=("dma", "kernel"), default="dma",
+    ex.add_argument("--ring-load", choices=("dma", "kernel"), default="kernel",
                     help="how far blocks reach the GPU staging ring: 2-D DMA copies per run of CPU blocks, "
                          "or the copy kernel reading pinned memory")
     ex.add_argument("--ring-programs", type=int, default=8, help="the copy kernel's programs (--ring-load kernel)")

@@ -42,7 +42,7 @@ class ExpansionBenchConfig:
     fractions: str = "0,0.01,0.02,0.04,0.08,0.16"
     steps: int = 20  # measured decode steps per fraction
     controller_steps: int = 150
-    ring_load: str = "dma"  # TransferEngine.ring_load
+    ring_load: str = "kernel"  # TransferEngine.ring_load
     ring_programs: int = 8  # the copy kernel's programs (ring_load "kernel")
     output_json: str | None = None
     plot: str | None = None

@@ -68,8 +68,11 @@ SPLIT_MIN_RUN = 2.0  # mean consecutive CPU blocks per DMA run for a load to go 
 PREFETCH_DEPTH = 1  # a PER_LAYER load of layers [a, b) is issued before layer a - PREFETCH_DEPTH
 # How a layer's far blocks reach the staging ring (Pie): "dma", one 2-D copy per run of consecutive
 # CPU blocks on a copy engine; "kernel", one launch of the copy kernel reading pinned memory (UVA)
-# with RING_KERNEL_PROGRAMS programs. `kvtier bench expansion --ring-load` compares them.
-RING_LOAD = "dma"
+# with RING_KERNEL_PROGRAMS programs. `kvtier bench expansion --ring-load` compares them. H200, Llama-3-8B
+# 64 x 2048 (benchmarks/results/h200-2026-12-01/issue13): the DMA's 64 copies a layer (one per
+# request) cost 16.1 ms a step at 1% far against 9.9 ms by the kernel (9.3 with nothing far); at
+# 16% both are link-bound (60.4 / 59.5 ms). 4 programs: 9.7 ms at 1%, 16.3 at 3%; 8: 10.0 and 12.6.
+RING_LOAD = "kernel"
 RING_KERNEL_PROGRAMS = 8
 
 

@@ -61,6 +61,11 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
         --max-model-len 4096 --max-num-seqs 64 --max-num-batched-tokens 16384 --kv-offloading-size 24 \
         --kv-expansion 0.16 --batch 64 --input-len 2048 --steps 20 ${EXPANSION_ARGS:-} \
         --output-json "$OUT/expansion.json" --plot "$OUT/expansion.png" || echo "EXPANSION FAILED rc=$?"
+    echo "== Pie: capacity (KV 1.25x the GPU pool; recompute, swap, adaptive expansion)"
+    python3 -m kvtier.cli bench expansion --no-sweep --model llama3-8b --load-format dummy --skip-tokenizer-init \
+        --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 16384 --kv-offloading-size 48 \
+        --kv-expansion adaptive --capacity-prompts 128 --capacity-input-len 2048 --capacity-output-len 512 \
+        --output-json "$OUT/expansion_capacity.json" || echo "CAPACITY FAILED rc=$?"
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"

@@ -266,6 +266,17 @@ def _add_bench_expansion(bsub) -> None:
                     help="how far blocks reach the GPU staging ring: 2-D DMA copies per run of CPU blocks, "
                          "or the copy kernel reading pinned memory")
     ex.add_argument("--ring-programs", type=int, default=8, help="the copy kernel's programs (--ring-load kernel)")
+    ex.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the fraction sweep and the controller (--no-sweep: the capacity workload only)")
+    ex.add_argument("--capacity-prompts", type=int, default=0,
+                    help="also run the capacity workload with this many requests (0: not)")
+    ex.add_argument("--capacity-input-len", type=int, default=2048, help="capacity workload: prompt tokens")
+    ex.add_argument("--capacity-output-len", type=int, default=512, help="capacity workload: new tokens")
+    ex.add_argument("--capacity-kv-over-budget", type=float, default=1.25,
+                    help="capacity workload: its KV over the GPU KV pool (sets --num-gpu-blocks-override)")
+    ex.add_argument("--capacity-settings", default="off,swap,expansion",
+                    help="capacity workload: off (no CPU tier: recompute), swap (CPU tier, no expansion), "
+                         "expansion (CPU tier and --kv-expansion), comma-separated")
     ex.add_argument("--output-json", default=None, help="write the results here")
     ex.add_argument("--plot", default=None, help="write a PNG of step time against fraction here")
     add_engine_args(ex, positional_model=False)

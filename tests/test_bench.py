@@ -89,3 +89,19 @@ def test_bench_expansion_sweeps_fractions_and_runs_the_controller(tmp_path, caps
         assert p["fraction"] * p["full_blocks"] - 4 <= p["far_blocks"] <= p["fraction"] * p["full_blocks"] + 4
     assert all(p["predicted_ms"] >= p["reference_ms"] for p in points)
     assert "knee" in capsys.readouterr().out
+
+
+def test_bench_expansion_capacity_workload(tmp_path):
+    """The capacity workload: KV 1.25x the GPU pool; without expansion requests preempt each other,
+    with half the blocks far none has to, and every setting's output_tok_s is in the JSON."""
+    out = tmp_path / "capacity.json"
+    assert main(["bench", "expansion", "--no-sweep", "--model", "tiny-llama", "--load-format", "dummy",
+                 "--skip-tokenizer-init", "--kv-offloading-size", "0.05", "--kv-expansion", "0.5",
+                 "--capacity-prompts", "8", "--capacity-input-len", "64", "--capacity-output-len", "16",
+                 "--max-model-len", "256", "--block-size", "4", "--output-json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    runs = res["capacity"]["settings"]
+    assert set(res["output_tok_s"]) == {"off", "swap", "expansion"}
+    assert res["capacity"]["gpu_blocks"] == int(8 * 20 / 1.25)  # 80 tokens a request in 4-token blocks
+    assert runs["off"]["num_preemptions"] > 0 and runs["swap"]["num_swaps"] > 0
+    assert runs["expansion"]["num_preemptions"] == 0 and runs["expansion"]["max_far_blocks"] > 0

@@ -60,17 +60,24 @@ def run_bench_multiturn(args: argparse.Namespace) -> int:
 
 
 def run_bench_expansion(args: argparse.Namespace) -> int:
-    from kvtier.benchmarks.expansion import ExpansionBenchConfig, plot_points, print_points, run_sweep
+    from kvtier.benchmarks import expansion
     from kvtier.entrypoints.llm import LLM
-    cfg = ExpansionBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpansionBenchConfig)})
+    cfg = expansion.ExpansionBenchConfig(**{f.name: getattr(args, f.name)
+                                            for f in dataclasses.fields(expansion.ExpansionBenchConfig)})
+    capacity = expansion.CapacityConfig(**{f.name: getattr(args, "capacity_" + f.name)
+                                           for f in dataclasses.fields(expansion.CapacityConfig)})
     cfg.fraction_list()  # clear errors before the engine is built
-    if cfg.plot:
+    if cfg.plot and cfg.sweep:
         require_matplotlib("--plot")
-    llm = LLM(**engine_kwargs(args))
-    result = run_sweep(llm, cfg)
-    result["command"] = " ".join(["kvtier", *sys.argv[1:]])
-    save_results(result, cfg.output_json, cfg.plot, plot_points)
-    print_points(result)
+    result: dict[str, Any] = {"command": " ".join(["kvtier", *sys.argv[1:]])}
+    if cfg.sweep:
+        result.update(expansion.run_sweep(LLM(**engine_kwargs(args)), cfg))
+        expansion.print_points(result)
+    if capacity.prompts > 0:
+        result["capacity"] = expansion.run_capacity(engine_kwargs(args), capacity)
+        result["output_tok_s"] = result["capacity"]["output_tok_s"]
+        print_table({f"capacity {k} output tok/s": v for k, v in result["output_tok_s"].items()})
+    save_results(result, cfg.output_json, cfg.plot if cfg.sweep else None, expansion.plot_points)
     return 0
 
 

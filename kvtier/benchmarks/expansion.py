@@ -20,13 +20,15 @@ over the last third, `controller_slowdown` the median step there against the ref
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 from typing import Any
 
 import torch
 
+from kvtier.benchmarks.datasets import random_requests
 from kvtier.benchmarks.plotting import new_figure
-from kvtier.benchmarks.throughput import GREEDY, StepCosts, start_decoding
+from kvtier.benchmarks.throughput import GREEDY, StepCosts, run_requests, start_decoding
 from kvtier.engine.transfer_engine import _InFlight
 from kvtier.entrypoints.llm import LLM
 from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController, pipelined_step_seconds
@@ -40,6 +42,7 @@ class ExpansionBenchConfig:
     batch: int = 64
     input_len: int = 2048
     fractions: str = "0,0.01,0.02,0.04,0.08,0.16"
+    sweep: bool = True
     steps: int = 20  # measured decode steps per fraction
     controller_steps: int = 150
     ring_load: str = "kernel"  # TransferEngine.ring_load
@@ -202,3 +205,51 @@ def plot_points(result: dict[str, Any], path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+# -- capacity: a workload whose KV exceeds the GPU budget --------------------------------------------
+
+CAPACITY_SETTINGS = {  # setting -> engine options over the user's
+    "off": {"kv_offloading_size": 0.0, "kv_expansion": "off"},  # preemption recomputes
+    "swap": {"kv_expansion": "off"},  # preemption swaps to the CPU tier
+    "expansion": {},  # --kv-expansion as given (adaptive or a fraction), swap too
+}
+
+
+@dataclasses.dataclass
+class CapacityConfig:
+    prompts: int = 128
+    input_len: int = 2048
+    output_len: int = 512
+    kv_over_budget: float = 1.25  # the workload's KV over the GPU budget
+    settings: str = "off,swap,expansion"
+
+
+def capacity_blocks(cfg: CapacityConfig, block_size: int) -> int:
+    """GPU blocks that hold 1 / kv_over_budget of the workload's KV (every request's whole context)."""
+    per_request = -(-(cfg.input_len + cfg.output_len) // block_size)
+    return max(per_request, int(cfg.prompts * per_request / cfg.kv_over_budget))
+
+
+def run_capacity(engine_kwargs: dict[str, Any], cfg: CapacityConfig) -> dict[str, Any]:
+    """The same random requests on a fresh engine per setting, its GPU pool `capacity_blocks`:
+    output tokens/s, preemptions, and the far share reached."""
+    blocks = capacity_blocks(cfg, engine_kwargs.get("block_size") or 16)
+    runs = {}
+    for setting in cfg.settings.split(","):
+        if setting not in CAPACITY_SETTINGS:
+            raise ValueError(f"--capacity-settings: {setting!r} is not one of {tuple(CAPACITY_SETTINGS)}")
+        llm = LLM(**{**engine_kwargs, "num_gpu_blocks_override": blocks, **CAPACITY_SETTINGS[setting]})
+        reqs = random_requests(cfg.prompts, cfg.input_len, cfg.output_len, llm.engine.model_config.vocab_size)
+        seconds, outs, steps = run_requests(llm, reqs)
+        stats = llm.engine.stats()
+        runs[setting] = {"output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
+                         "seconds": seconds, "steps": len(steps), "num_preemptions": stats["num_preemptions_total"],
+                         "num_swaps": stats["num_swaps_out_total"], "max_far_blocks": max(
+                             (s.num_far_blocks for s in steps), default=0),
+                         "kv_expansion_fraction": stats["kv_expansion_fraction"]}
+        del llm
+        gc.collect()
+    return {"gpu_blocks": blocks, "prompts": cfg.prompts, "input_len": cfg.input_len, "output_len": cfg.output_len,
+            "kv_over_budget": cfg.kv_over_budget, "settings": runs,
+            "output_tok_s": {name: run["output_tok_s"] for name, run in runs.items()}}

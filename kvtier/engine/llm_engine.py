@@ -61,6 +61,7 @@ class StepRecord:
     num_blocks_loaded: int  # CPU -> GPU
     num_blocks_stored: int  # GPU -> CPU, before and after the forward
     compiled_variants: int | None  # Triton kernel variants compiled in the process so far (None: interpreted)
+    num_far_blocks: int = 0  # Pie: far blocks the step's attention read from the staging ring
     device_start: torch.cuda.Event | None = None  # the step's device work (GPU; read after a sync)
     device_end: torch.cuda.Event | None = None
 
@@ -493,6 +494,7 @@ class LLMEngine:
             seconds, time.time(), num_prefill_tokens=plan.num_batched_tokens - num_decode,
             num_decode_tokens=num_decode, num_blocks_loaded=moves.num_blocks(Tier.CPU, Tier.GPU),
             num_blocks_stored=moves.num_blocks(Tier.GPU, Tier.CPU), compiled_variants=num_compiled_variants(),
+            num_far_blocks=sum(len(s.far_block_ids) for s in plan.scheduled),
             device_start=step.future.device_start if step.future else None,
             device_end=step.future.device_end if step.future else None))
 

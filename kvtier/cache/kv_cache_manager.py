@@ -69,6 +69,7 @@ class KVCacheManager:
         # Pie: each running request's far prefix (CPU blocks of its first blocks); at most
         # max_far_blocks in all (the staging ring's slots), far_fraction of each request's full blocks
         self.req_far: dict[str, list[Block]] = {}
+        self._num_far = 0  # blocks in req_far (a count kept, not summed: every request's step asks)
         self.far_fraction = 0.0
         self.max_far_blocks = 0
         self.far_changed: set[str] = set()  # requests whose far prefix grew since their last plan
@@ -238,7 +239,9 @@ class KVCacheManager:
                 self.cpu_pool.touch([cpu_block])  # the request's own reference
             cpu_blocks.append(cpu_block)
         self._free_gpu(request)
-        self.swapped[request.request_id] = (self.req_far.pop(request.request_id, []) + cpu_blocks, num_tokens)
+        far = self.req_far.pop(request.request_id, [])
+        self._num_far -= len(far)
+        self.swapped[request.request_id] = (far + cpu_blocks, num_tokens)
         self.num_swaps_out += 1
         return True
 
@@ -263,7 +266,7 @@ class KVCacheManager:
         return tuple(b.block_id for b in self.req_far.get(request_id, ()))
 
     def num_far_blocks(self) -> int:
-        return sum(len(f) for f in self.req_far.values())
+        return self._num_far
 
     def far_targets(self, requests: list[Request]) -> dict[str, int]:
         """Far blocks per running request: floor(f * its computed full blocks + its own offset in
@@ -312,6 +315,7 @@ class KVCacheManager:
                 return  # its copy is still on the way
             cpu_pool.touch([cpu_block])
             far.append(cpu_block)
+            self._num_far += 1
             self.req_far[request_id] = far
             self.req_blocks[request_id].pop(0)
             self.req_block_ids[request_id][len(far) - 1] = FAR_BLOCK_ID
@@ -337,6 +341,7 @@ class KVCacheManager:
             else:
                 break
             far.pop()
+            self._num_far -= 1
             self._cpu.free([cpu_block])  # the request's reference
             self.req_blocks[request_id].insert(0, gpu_block)
             self.req_block_ids[request_id][len(far)] = gpu_block.block_id
@@ -355,6 +360,7 @@ class KVCacheManager:
         self._free_gpu(request)
         far = self.req_far.pop(request.request_id, None)
         if far:
+            self._num_far -= len(far)
             self._cpu.free(reversed(far))
         swapped = self.swapped.pop(request.request_id, None)
         if swapped is not None:
@@ -430,7 +436,8 @@ class KVCacheManager:
                 assert request_id in self.req_blocks and far, "a far prefix of a request holding no GPU blocks"
                 for b in far:
                     cpu_refs[b.block_id] = cpu_refs.get(b.block_id, 0) + 1
-            assert self.num_far_blocks() <= self.max_far_blocks, "more far blocks than the staging ring holds"
+            assert self._num_far == sum(len(f) for f in self.req_far.values()), "far block count"
+            assert self._num_far <= self.max_far_blocks, "more far blocks than the staging ring holds"
             _check_refs(self.cpu_pool, cpu_refs, "CPU")
 
 

@@ -87,7 +87,7 @@ class LayerPipeline:
         """Ring loads through layer + depth: the load stream first waits for the compute stream, as
         far as it is issued (layers < `layer`), since layer + depth's entry is layer - 1's."""
         engine = self.engine
-        assert engine.ring is not None
+        assert engine.ring is not None and self._ring is not None
         last = min(layer + engine.ring.shape[0] - 1, engine.num_layers - 1)
         if self._ring_next > last:
             return

@@ -2,9 +2,9 @@
 
 One engine, built with `--kv-expansion` at the largest fraction swept (that sizes the staging ring)
 and the CPU tier large enough for the batch's KV. BATCH random prompts of INPUT_LEN tokens are
-prefilled, then for each fraction f in increasing order the running requests' oldest blocks go far
-until f of their full blocks are (blocks never come back, hence the order), and the median decode
-step over STEPS steps is measured (CUDA events; the steps that still moved blocks far excluded).
+prefilled, then for each fraction f in increasing order (each point only adds far blocks: no loads
+back) the running requests' oldest blocks go far until f of their full blocks are, and the median
+decode step over STEPS steps is measured (CUDA events; the steps that still moved blocks far excluded).
 Contexts grow while the sweep runs, so each point's reference is the step at f = 0 scaled by the
 bytes a step reads (weights + KV, the roofline's numerator) at that point's context. Each point is
 set beside `pipelined_step_seconds`: its reference plus the layer pipeline's wait for its far

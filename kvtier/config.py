@@ -72,7 +72,8 @@ class EngineConfig:
     # schedule step N+1 while step N runs (sampled ids stay on the device); None = on with a GPU
     async_scheduling: bool | None = None
     # Pie: "off", "adaptive" (a controller sizes the far share online from measured decode steps),
-    # or a fixed fraction in [0, 1) of each running request's full blocks kept only in the CPU tier
+    # or a fixed fraction in [0, 1] of each running request's full blocks kept only in the CPU tier (1.0:
+    # all of them, FlexGen's regime; the block being written stays on the GPU)
     # and brought to the GPU layer by layer each step (experiments); needs the CPU tier and prefix caching
     kv_expansion: str = "off"
 
@@ -120,9 +121,9 @@ class EngineConfig:
             fraction = float(self.kv_expansion)
         except (TypeError, ValueError):
             fraction = -1.0
-        if not 0 <= fraction < 1:
+        if not 0 <= fraction <= 1:
             raise ConfigError(f"invalid kv_expansion {self.kv_expansion!r}; give 'off', 'adaptive' or a far "
-                              "fraction in [0, 1), e.g. 0.08")
+                              "fraction in [0, 1], e.g. 0.08")
         self._expansion_needs_tier()
 
     def _expansion_needs_tier(self) -> None:

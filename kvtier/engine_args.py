@@ -50,10 +50,10 @@ _ENGINE_HELP = {
                         "stay there and feed the next step; stops are seen one step late and tokens past "
                         "them dropped); default: on with a GPU, off on the CPU",
     "kv_expansion": "Pie: off; adaptive (a controller grows the far share while decode steps stay within 3%% "
-                    "of their time with nothing far, and cuts it when they do not); or FRACTION in [0, 1): "
-                    "that share of each running request's full KV blocks lives only in the CPU tier and is "
-                    "brought back layer by layer during each step (prefetched one layer ahead into a GPU "
-                    "staging ring); needs --kv-offloading-size",
+                    "of their time with nothing far, and cuts it when they do not); or FRACTION in [0, 1] "
+                    "(1: all full blocks): that share of each running request's full KV blocks lives only "
+                    "in the CPU tier and is brought back layer by layer during each step (prefetched one "
+                    "layer ahead into a GPU staging ring); needs --kv-offloading-size",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
             "kv_offloading_policy": OFFLOAD_POLICIES}

@@ -84,6 +84,15 @@ def test_half_far_equals_off(model_path, async_scheduling):
     assert engine.kv_cache.prefix_hits > 0  # the second wave shared blocks, some of them far
 
 
+def test_all_far_equals_off(model_path):
+    """FlexGen's regime: every full block of every running request far (the one being written stays)."""
+    ref, _, _ = run(model_path, waves(), kv_expansion="off", async_scheduling=True, **ROOMY)
+    got, _, shares = run(model_path, waves(), kv_expansion="1.0", async_scheduling=True, **ROOMY)
+    assert got == ref
+    busy = [(far, full, n) for far, full, n in shares if full >= 16]
+    assert sum(far for far, _, _ in busy) >= 0.8 * sum(full for _, full, _ in busy)
+
+
 def test_half_far_with_swap_preemption(model_path):
     ref, _, _ = run(model_path, waves(), kv_expansion="off", async_scheduling=False, **TIGHT)
     got, engine, shares = run(model_path, waves(), kv_expansion="0.5", async_scheduling=False, **TIGHT)
@@ -136,7 +145,7 @@ def test_far_blocks_are_the_oldest_and_table_marks_them(tiny_model_dir):
     assert [b.block_hash for b in far] == kv.req_hashes["a"][:len(far)]
 
 
-@pytest.mark.parametrize("value, message", [("1.0", r"in \[0, 1\)"), ("abc", r"in \[0, 1\)"), ("-0.1", r"in \[0, 1\)")])
+@pytest.mark.parametrize("value, message", [("1.5", r"in \[0, 1\]"), ("abc", r"in \[0, 1\]"), ("-0.1", r"in \[0, 1\]")])
 def test_bad_expansion_values(value, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(kv_expansion=value, kv_offloading_size=1)

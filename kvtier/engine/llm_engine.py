@@ -186,8 +186,8 @@ class LLMEngine:
         if fraction <= 0:
             return 0
         per_seq = -(-self.max_model_len // self.config.block_size)
-        slots = max(1, min(int(fraction / (1 - fraction) * num_blocks) + 1,
-                           int(fraction * per_seq) * self.config.max_num_seqs))
+        most = int(fraction * per_seq) * self.config.max_num_seqs  # every sequence at max_model_len
+        slots = max(1, most if fraction >= 1 else min(int(fraction / (1 - fraction) * num_blocks) + 1, most))
         ring_bytes = self.worker.enable_far(slots)
         logger.info("kvtier: KV expansion %.3f, staging ring of %d far blocks (%.1f MiB)", fraction, slots,
                     ring_bytes / 2**20)

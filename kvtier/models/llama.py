@@ -7,6 +7,7 @@ gate_up_proj (rows concatenated in that order); `packed_modules` maps HF names o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvtier.models.config import ModelConfig
@@ -37,6 +38,15 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary[0](positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+    def kv_from_input(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (T, Hkv, D) of the layer inputs x (T, h) at `positions`, as the forward writes them
+        (the K/V rows of qkv_proj, RoPE on K): KVPR recomputes far tokens' K/V from kept inputs."""
+        t, bias = x.shape[0], self.qkv_proj.bias
+        kv = F.linear(x, self.qkv_proj.weight[self.q_size:], None if bias is None else bias[self.q_size:])
+        k, v = (part.reshape(t, self.num_kv_heads, self.head_dim) for part in kv.split(self.kv_size, dim=-1))
+        k, _ = self.rotary[0](positions, k, k[:, :1].clone())  # the kernel rotates pairs: a throwaway second
+        return k, v
 
 
 class LlamaMLP(nn.Module):

@@ -35,6 +35,13 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).view(t, self.num_heads, self.head_dim)
         return self.out_proj(self.attn(q, k, v, kv_cache, meta))
 
+    def kv_from_input(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (T, H, D) of the layer inputs x (T, h), as the forward writes them (positions are
+        in x already: OPT adds learned ones before the first layer); for KVPR's recomputation."""
+        t = x.shape[0]
+        return (self.k_proj(x).view(t, self.num_heads, self.head_dim),
+                self.v_proj(x).view(t, self.num_heads, self.head_dim))
+
 
 class OPTDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):

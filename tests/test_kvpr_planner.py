@@ -60,3 +60,15 @@ def test_bad_inputs_are_refused():
         step_seconds(KVPRShape(1, 64, 64, 2), KVPRRates(1e9, 1e12), 10, 11)
     with pytest.raises(ValueError, match="granularity"):
         best_split(KVPRShape(1, 64, 64, 2), KVPRRates(1e9, 1e12), 10, 0)
+
+
+def test_skinny_matmul_rate_is_measured():
+    """The recompute GEMM's rate, measured (CPU here): positive, and a wider problem does more FLOPs a second."""
+    import torch
+
+    from kvtier.offload.hardware import skinny_matmul_flops
+    small = skinny_matmul_flops(torch.device("cpu"), torch.float32, 1, 64, 128, iters=5)
+    large = skinny_matmul_flops(torch.device("cpu"), torch.float32, 256, 512, 1024, iters=5)
+    assert 0 < small < large
+    with pytest.raises(ValueError, match="positive"):
+        skinny_matmul_flops(torch.device("cpu"), torch.float32, 0, 64, 128)

@@ -78,6 +78,19 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters:
     return best
 
 
+def skinny_matmul_flops(device: torch.device, dtype: torch.dtype, rows: int, hidden: int, width: int,
+                        iters: int = 20) -> float:
+    """FLOP/s of (rows, hidden) @ (hidden, width) on fresh random inputs: KVPR's recomputation is
+    this GEMM (rows = recomputed tokens, width = K and V), far from the square matmul's rate when
+    rows are few."""
+    if min(rows, hidden, width) < 1:
+        raise ValueError(f"rows, hidden and width must be positive, got {rows}, {hidden}, {width}")
+    x = torch.randn(rows, hidden, device=device, dtype=dtype)
+    w = torch.randn(width, hidden, device=device, dtype=dtype)
+    ms = time_ms(lambda: torch.nn.functional.linear(x, w), device, iters, warmup=max(1, iters // 4))
+    return 2 * rows * hidden * width / (ms / 1e3)
+
+
 def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 25, to_device: bool = True,
                         iters: int = 5) -> float:
     """Pinned host-to-device (or device-to-host) copy rate in bytes/s; on a CPU-only machine, the

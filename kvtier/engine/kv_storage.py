@@ -74,6 +74,14 @@ class KVStorage:
         rows = (num_blocks, spec.num_layers, spec.num_parts, spec.row_elements)
         return torch.empty(rows, dtype=spec.torch_dtype(), device=self.device)
 
+    def activation_rows(self, hidden_size: int) -> list[torch.Tensor]:
+        """KVPR: a GPU tensor of each layer's inputs for every KV slot (the GPU tier's blocks, in
+        its dtype), per layer (slots + 1, hidden_size): the last row takes padding tokens' writes."""
+        spec = self.specs[Tier.GPU]
+        num_slots = self.num_blocks(Tier.GPU) * spec.block_size
+        data = torch.zeros(spec.num_layers, num_slots + 1, hidden_size, dtype=spec.torch_dtype(), device=self.device)
+        return list(data.unbind(0))
+
     def staging_ring(self, num_entries: int, num_slots: int) -> torch.Tensor:
         """Pie's staging ring: (entries, slots, parts, row elements) in the GPU tier's dtype. Layer i
         reads entry i % entries; slot s of an entry holds one far block's K and V of that layer."""

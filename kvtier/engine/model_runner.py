@@ -92,6 +92,12 @@ class ModelRunner:
             triton_attention.precompile(*self.kv_caches[0], self.cfg.num_heads,
                                         far_kv=self.model.attention_layers()[0].backend.far_kv)
 
+    def save_layer_inputs(self, rows: list[torch.Tensor]) -> None:
+        """KVPR: every forward writes each layer's attention input into `rows` (KVStorage.activation_rows)
+        at its tokens' KV slots, from which `kv_from_input` recomputes their K/V."""
+        for layer, layer_rows in zip(self.model.attention_modules(), rows):
+            layer.saved_inputs = layer_rows
+
     def update_states(self, plan: SchedulerOutput) -> None:
         """Forget finished and preempted requests, apply the plan's block-table diffs: first in a
         step, before anything can fail, so the kept tables stay in step with the plans."""

@@ -71,6 +71,13 @@ class RotaryEmbedding(nn.Module):
         return fused.rotary(q, k, positions, self.cos_sin(q.device))
 
 
+def save_inputs(x: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """KVPR: a layer's inputs x (T, h) into its activation rows (slots + 1, h) at each token's KV
+    slot; padding tokens (slot -1) go to the last, spare row. No host sync, fixed shapes (graph-safe)."""
+    spare = rows.shape[0] - 1
+    rows.index_copy_(0, torch.where(slot_mapping < 0, spare, slot_mapping), x.to(rows.dtype))
+
+
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends over the cached context,
     through this layer's own backend object (kvtier/models/attention_backends.py)."""

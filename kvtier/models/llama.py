@@ -12,7 +12,7 @@ from torch import nn
 
 from kvtier.models.config import ModelConfig
 from kvtier.models.decoder import KVCache, run_layers
-from kvtier.models.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from kvtier.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, save_inputs
 from kvtier.ops import fused
 from kvtier.ops.attention import AttentionMetadata
 
@@ -28,10 +28,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         self.rotary = [rotary]  # shared; a list keeps it out of this module's state dict
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5, cfg.sliding_window)
+        self.saved_inputs: torch.Tensor | None = None  # KVPR: this layer's activation rows (save_inputs)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
+        if self.saved_inputs is not None:
+            save_inputs(x, self.saved_inputs, meta.slot_mapping)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
@@ -127,6 +130,11 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         """Each decoder layer's attention, in layer order: where its backend object is set."""
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def attention_modules(self) -> list[LlamaAttention]:
+        """Each decoder layer's attention module (projections included), in layer order: KVPR's
+        recomputation (`kv_from_input`) and the inputs it keeps (`saved_inputs`)."""
+        return [layer.self_attn for layer in self.model.layers]
 
     def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the fused kernels' variants before serving (kvtier/ops/fused.py)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from kvtier.models.config import ModelConfig
 from kvtier.models.decoder import KVCache, run_layers
-from kvtier.models.layers import PagedAttention
+from kvtier.models.layers import PagedAttention, save_inputs
 from kvtier.ops.attention import AttentionMetadata
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -27,9 +27,12 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=bias)
         self.out_proj = nn.Linear(h, h, bias=bias)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+        self.saved_inputs: torch.Tensor | None = None  # KVPR: this layer's activation rows (save_inputs)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
+        if self.saved_inputs is not None:
+            save_inputs(x, self.saved_inputs, meta.slot_mapping)
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, H, D)
         k = self.k_proj(x).view(t, self.num_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_heads, self.head_dim)
@@ -116,6 +119,11 @@ class OPTForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         """Each decoder layer's attention, in layer order: where its backend object is set."""
         return [layer.self_attn.attn for layer in self.model.decoder.layers]
+
+    def attention_modules(self) -> list[OPTAttention]:
+        """Each decoder layer's attention module (projections included), in layer order: KVPR's
+        recomputation (`kv_from_input`) and the inputs it keeps (`saved_inputs`)."""
+        return [layer.self_attn for layer in self.model.decoder.layers]
 
     def precompile(self, dtype: torch.dtype, device: torch.device) -> None:
         """OPT runs no fused kernels (LayerNorm, learned positions, ReLU are torch's)."""

@@ -31,7 +31,7 @@ from kvtier.benchmarks.plotting import new_figure
 from kvtier.benchmarks.throughput import GREEDY, StepCosts, run_requests, start_decoding
 from kvtier.engine.transfer_engine import _InFlight
 from kvtier.entrypoints.llm import LLM
-from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController, pipelined_step_seconds
+from kvtier.offload.expansion import pipelined_step_seconds
 from kvtier.offload.hardware import host_link_bandwidth, synchronize
 
 KNEE_SLOWDOWN = 0.03
@@ -128,7 +128,7 @@ def _run_controller(llm: LLM, cfg: ExpansionBenchConfig, weights_gb: float, zero
     """Every block back near, then the adaptive controller from f = 0 (as --kv-expansion adaptive)."""
     engine = llm.engine
     _settle(llm, 0.0)
-    engine.expansion = AdaptiveExpansion(ExpansionController(max_fraction=max_fraction), weights_gb * 1e9)
+    engine.start_adaptive_expansion(max_fraction)
     engine.step_log = []
     fractions = []
     for _ in range(cfg.controller_steps):

@@ -25,7 +25,7 @@ import torch
 from kvtier.benchmarks.datasets import BenchRequest, random_requests
 from kvtier.engine.llm_engine import StepRecord
 from kvtier.entrypoints.llm import LLM
-from kvtier.models.loader import hf_state_dict
+from kvtier.models.loader import hf_state_dict, weight_bytes
 from kvtier.offload.hardware import matmul_flops, memory_bandwidth, synchronize
 from kvtier.sampling_params import SamplingParams
 
@@ -67,10 +67,6 @@ class StepCosts:
         its sequence)."""
         keys_per_query = step.sum_seq_lens / max(step.num_seqs, 1) / 2
         return (2 * self.num_params + self.attn_flops_per_query_key * keys_per_query) * step.num_tokens
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
 
 
 def device_info(llm: LLM) -> dict[str, Any]:

@@ -113,12 +113,13 @@ class DecodeGraphs:
         return logits, segments
 
     def _copy_far(self, far: FarPrefix | None, n: int) -> None:
-        for buffer, values in zip(self.far, (far.far_blocks, far.ring_start) if far is not None else (None, None)):
-            if values is None:
-                buffer[:n].zero_()
-            else:
-                buffer[:n].copy_(values, non_blocking=True)
-            buffer[n:].zero_()
+        """The step's far prefixes, or none; padding rows (seq_len 0) read nothing whatever theirs say."""
+        assert self.far is not None
+        if far is None:
+            self.far[0].zero_()  # far_blocks 0: ring_start is never read
+            return
+        self.far[0][:n].copy_(far.far_blocks, non_blocking=True)
+        self.far[1][:n].copy_(far.ring_start, non_blocking=True)
 
     def _capture_whole(self, size: int) -> tuple[torch.Tensor, torch.cuda.CUDAGraph]:
         graph = torch.cuda.CUDAGraph()

@@ -29,7 +29,7 @@ from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.transfer_engine import STAGING_BYTES
 from kvtier.engine.worker import StepFuture, Worker
-from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model
+from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model, weight_bytes
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController
 from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
@@ -120,12 +120,9 @@ class LLMEngine:
                                        DEMOTION_POLICIES[config.kv_offloading_policy],
                                        CostModelSwap(self.swap_cost) if self.swap_cost else ALWAYS_SWAP)
         self.kv_cache.far_fraction, self.kv_cache.max_far_blocks = config.kv_expansion_fraction, num_far_slots
-        # --kv-expansion adaptive: the far share follows measured decode steps (from none far)
         self.expansion: AdaptiveExpansion | None = None
         if config.kv_expansion == "adaptive":
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            self.expansion = AdaptiveExpansion(ExpansionController(max_fraction=ADAPTIVE_MAX_FRACTION), weights)
-            self.kv_cache.far_fraction = 0.0
+            self.start_adaptive_expansion(ADAPTIVE_MAX_FRACTION)
         # decode steps whose period the controller has not seen: (start, next step's start, far blocks, KV bytes)
         self._timed_steps: collections.deque[tuple[Any, Any, int, int]] = collections.deque()
         self._last_decode: tuple[Any, int, int, int] | None = None
@@ -178,6 +175,13 @@ class LLMEngine:
                               f"give --kv-cache-memory at least {self._kv_memory_for(cfg.block_size)}, or raise "
                               "--gpu-memory-utilization")
         return num_blocks
+
+    def start_adaptive_expansion(self, max_fraction: float) -> None:
+        """--kv-expansion adaptive: from none far, the far share follows measured decode steps
+        (`_observe_expansion`), up to `max_fraction` (at most the ring's)."""
+        weights = weight_bytes(self.runner.model)
+        self.expansion = AdaptiveExpansion(ExpansionController(max_fraction=max_fraction), weights)
+        self.kv_cache.far_fraction = 0.0
 
     def _enable_far(self, num_blocks: int) -> int:
         """Pie (--kv-expansion FRACTION): the staging ring, sized for the most far blocks a step can

@@ -86,10 +86,12 @@ def layer_groups(num_layers: int) -> int:
 
 @dataclasses.dataclass
 class RingPlan:
-    """One step's far blocks, ready to load layer by layer: runs (first ring slot, first CPU
-    block, count) and, for the kernel, the ids on the device."""
-    runs: list[tuple[int, int, int]]
-    ids: torch.Tensor | None = None  # (2, n) CPU block ids, ring slots
+    """One step's far blocks, ready to load layer by layer: for the copy kernel, the CPU block ids
+    and ring slots on the device; for DMA (and on the CPU), runs (first ring slot, first CPU block,
+    count) of blocks consecutive in both."""
+    num_blocks: int
+    ids: torch.Tensor | None = None  # (2, n)
+    runs: list[tuple[int, int, int]] | None = None
 
 
 @dataclasses.dataclass
@@ -232,12 +234,14 @@ class TransferEngine:
             pipeline.wait_before(layers.start or 0, end)
 
     def plan_ring(self, pairs: tuple[tuple[int, int], ...]) -> RingPlan:
-        """A step's (CPU block, ring slot) pairs as runs, and as device ids for the kernel."""
-        plan = RingPlan(self.ring_runs(pairs))
+        """A step's (CPU block, ring slot) pairs, the slots 0..n-1 (the runner gives them out in
+        order), as device ids for the kernel or as runs for DMA and the CPU."""
+        slots, cpu_ids = zip(*sorted((s, c) for c, s in pairs)) if pairs else ((), ())
+        assert list(slots) == list(range(len(pairs))), "ring slots are 0..n-1"
         if self.on_gpu and self.ring_load == "kernel":
-            ids = torch.tensor([[c for c, _ in pairs], [s for _, s in pairs]], dtype=torch.int64)
-            plan.ids = ids.pin_memory().to(self.device, non_blocking=True)
-        return plan
+            ids = torch.tensor([cpu_ids, slots], dtype=torch.int64)
+            return RingPlan(len(cpu_ids), ids=ids.pin_memory().to(self.device, non_blocking=True))
+        return RingPlan(len(cpu_ids), runs=_runs(list(cpu_ids), self.chunk))
 
     def load_ring_layer(self, plan: RingPlan, layer: int, flight: _InFlight) -> torch.cuda.Event | None:
         """One layer of the step's far blocks into ring entry layer % entries: per run of consecutive
@@ -246,8 +250,9 @@ class TransferEngine:
         its end (None on the CPU, where it has run)."""
         assert self.ring is not None
         entry, cpu = self.ring[layer % self.ring.shape[0]], self.cpu_blocks[:, layer]  # (slots, 2, row), (Nc, 2, row)
-        self.bytes["to_gpu"] += sum(n for _, _, n in plan.runs) * self.block_bytes // self.num_layers
+        self.bytes["to_gpu"] += plan.num_blocks * self.block_bytes // self.num_layers
         if not self.on_gpu:
+            assert plan.runs is not None
             for slot, cpu_id, n in plan.runs:
                 entry[slot:slot + n].copy_(cpu[cpu_id:cpu_id + n])
             return None
@@ -259,6 +264,7 @@ class TransferEngine:
                 copy_blocks(cpu.unsqueeze(1), entry.unsqueeze(1), plan.ids[0], plan.ids[1],
                             num_programs=self.ring_programs)
             else:
+                assert plan.runs is not None
                 self._ring_dma(entry, cpu, plan.runs)
             end.record(stream)
         flight.timed.append(("to_gpu", start, end))
@@ -278,18 +284,6 @@ class TransferEngine:
         """The load stream waits for the work issued so far on the compute stream."""
         if self.on_gpu:
             self.streams["to_gpu"].wait_stream(torch.cuda.current_stream(self.device))
-
-    def ring_runs(self, pairs: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
-        """(cpu block, ring slot) pairs -> (first slot, first CPU block, count) of runs consecutive in
-        both, never across a pinned chunk."""
-        runs: list[tuple[int, int, int]] = []
-        for cpu_id, slot in sorted(pairs, key=lambda p: p[1]):
-            first_slot, first_cpu, n = runs[-1] if runs else (-1, -1, 0)
-            if first_slot + n == slot and first_cpu + n == cpu_id and cpu_id % self.chunk:
-                runs[-1] = (first_slot, first_cpu, n + 1)
-            else:
-                runs.append((slot, cpu_id, 1))
-        return runs
 
     def _load_ranges(self, loads: list[tuple[int, int]]) -> list[slice]:
         """A whole-model load goes layer group by layer group only when its CPU blocks come in runs."""
@@ -396,8 +390,8 @@ def _layer_slice(layers: tuple[int, int] | None) -> slice:
 
 
 def _runs(cpu_ids: list[int], chunk: int) -> list[tuple[int, int, int]]:
-    """Sorted CPU block ids -> (first slot, first CPU block, length) of each run of consecutive
-    blocks within one `chunk`-block registration of the pinned pool."""
+    """CPU block ids, slot i holding the i-th -> (first slot, first CPU block, length) of each run
+    of consecutive blocks within one `chunk`-block registration of the pinned pool."""
     runs: list[tuple[int, int, int]] = []
     for slot, cpu_id in enumerate(cpu_ids):
         if runs and runs[-1][1] + runs[-1][2] == cpu_id and cpu_id % chunk:

@@ -70,6 +70,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     return json.loads(cfg_path.read_text())
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights (tied ones counted once): what a decode step reads."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Module with uninitialized storage on `device`; tied weights stay tied."""
     with torch.device("meta"):

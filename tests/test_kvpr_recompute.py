@@ -14,8 +14,9 @@ from kvtier import LLM
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_kv_from_input_equals_the_cached_kv(tiny_model_dir, name):
+    # eager: on a GPU a short prefill replays a CUDA graph, where module hooks do not run
     llm = LLM(str(tiny_model_dir(name)[0]), skip_tokenizer_init=True, dtype="float32", block_size=4,
-              async_scheduling=False)
+              async_scheduling=False, enforce_eager=True)
     engine, inputs = llm.engine, {}
     attentions = engine.runner.model.attention_modules()
     hooks = [a.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args))
@@ -26,8 +27,8 @@ def test_kv_from_input_equals_the_cached_kv(tiny_model_dir, name):
     for h in hooks:
         h.remove()
     table = engine.kv_cache.block_ids("r")
-    positions = torch.arange(len(prompt))
-    slots = torch.tensor(table)[positions // 4] * 4 + positions % 4
+    positions = torch.arange(len(prompt), device=engine.runner.device)
+    slots = torch.tensor(table, device=positions.device)[positions // 4] * 4 + positions % 4
     for i, attention in enumerate(attentions):
         x = inputs[i][1] if name == "tiny-llama" else inputs[i][0]  # Llama: (positions, x, ...); OPT: (x, ...)
         k, v = attention.kv_from_input(positions, x)
@@ -51,8 +52,8 @@ def test_saved_inputs_recompute_the_cached_kv(tiny_model_dir, name):
         engine.step()
     num_tokens = engine.scheduler.requests["r"].num_computed_tokens
     assert num_tokens > len(prompt)
-    positions = torch.arange(num_tokens)
-    slots = torch.tensor(engine.kv_cache.block_ids("r"))[positions // 4] * 4 + positions % 4
+    positions = torch.arange(num_tokens, device=engine.runner.device)
+    slots = torch.tensor(engine.kv_cache.block_ids("r"), device=positions.device)[positions // 4] * 4 + positions % 4
     for i, attention in enumerate(engine.runner.model.attention_modules()):
         k, v = attention.kv_from_input(positions, rows[i][slots])
         k_cache, v_cache = engine.runner.kv_caches[i]

@@ -8,12 +8,15 @@
 #   tier      the engine's CPU tier: reload/store rates, overlap with a forward, TTFT of a CPU hit
 #   multiturn multi-turn conversations with the CPU tier on and off
 #   expansion Pie: decode step at far fractions 0-16% of the KV (CPU tier over PCIe), beside the model
+#   kvpr      KVPR: FlexGen (the peer; .peers/ holds its wheel and runner, see ../shared/peers/README.md),
+#             then OPT-13B decode with all active KV in the CPU tier, full transfer vs KVPR, and a
+#             4096-token CPU-tier prefix hit; Llama-3-8B (GQA) the same (the planner must choose l = 0)
 #   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512, and sampled
 # SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-out}
-SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn expansion"}
+SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn expansion kvpr"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
@@ -66,6 +69,30 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
         --max-model-len 4096 --max-num-seqs 256 --max-num-batched-tokens 16384 --kv-offloading-size 48 \
         --kv-expansion adaptive --capacity-prompts 128 --capacity-input-len 2048 --capacity-output-len 512 \
         --output-json "$OUT/expansion_capacity.json" || echo "CAPACITY FAILED rc=$?"
+  fi
+  if want kvpr; then
+    flexgen_tok_s=""
+    if [[ -f .peers/flexgen-0.1.8-py3-none-any.whl && " ${KVPR_PARTS:-flexgen opt llama} " == *" flexgen "* ]]; then
+      echo "== KVPR: FlexGen 0.1.8, OPT-13B dummy weights, KV in CPU memory (100 0 0 100 100 0), 32 x 2"
+      python3 -m pip install -q --no-index --no-deps --target /tmp/flexgen_site .peers/flexgen-0.1.8-py3-none-any.whl
+      PYTHONPATH=/tmp/flexgen_site:$PYTHONPATH python3 .peers/run_flexgen.py --model facebook/opt-13b --path _DUMMY_ \
+          --percent 100 0 0 100 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --prompt-len 512 --gen-len 32 \
+          > "$OUT/flexgen.log" 2>&1 || echo "FLEXGEN FAILED rc=$?"
+      tail -5 "$OUT/flexgen.log"
+      flexgen_tok_s=$(grep -oP 'decode throughput: \K[0-9.]+' "$OUT/flexgen.log" | tail -1)
+    fi
+    KVPR_ARGS="--load-format dummy --skip-tokenizer-init --max-model-len 1024 --max-num-seqs 64 --batch 64
+      --input-len 512 --output-len 32 ${flexgen_tok_s:+--flexgen-decode-tok-s $flexgen_tok_s}"
+    if [[ " ${KVPR_PARTS:-flexgen opt llama} " == *" opt "* ]]; then
+      echo "== KVPR: OPT-13B, all active KV in the CPU tier: full transfer vs KVPR; a 4096-token prefix hit"
+      python3 -m kvtier.cli bench kvpr --model opt-13b $KVPR_ARGS --kv-offloading-size 48 ${KVPR_OPT_ARGS:-} \
+          --prefix-len ${KVPR_PREFIX_LEN:-4096} --output-json "$OUT/kvpr_opt13b.json" || echo "KVPR FAILED rc=$?"
+    fi
+    if [[ " ${KVPR_PARTS:-flexgen opt llama} " == *" llama "* ]]; then
+      echo "== KVPR: Llama-3-8B (GQA), same setting: the planner must choose l = 0"
+      python3 -m kvtier.cli bench kvpr --model llama3-8b $KVPR_ARGS --kv-offloading-size 24 \
+          --output-json "$OUT/kvpr_llama3_8b.json" || echo "KVPR FAILED rc=$?"
+    fi
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.benchmarks.datasets import random_requests  # noqa: E402
+from kvtier.benchmarks.prefix_hit import prefix_hit_ttft  # noqa: E402
 from kvtier.engine import transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
 from kvtier.offload.hardware import host_link_bandwidth, synchronize, time_ms  # noqa: E402
@@ -142,55 +142,6 @@ def overlap(llm: LLM, fns: dict, first_free_block: int, num_blocks: int, reps: i
     return out
 
 
-def ttft(llm: LLM, prefix_len: int, tail: int, reps: int, evictors: int) -> dict:
-    """TTFT of a prompt whose prefix is in the CPU tier vs a fresh prompt of the same length."""
-    vocab = llm.engine.model_config.vocab_size
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    seed = 100
-    runs = []
-
-    def fresh(n):
-        nonlocal seed
-        seed += 1
-        return random_requests(1, n, 1, vocab, seed)[0].prompt_token_ids
-
-    for rep in range(reps + 1):  # the first round warms up (kernel variants for prefix + new tokens)
-        prompt = fresh(prefix_len + tail)
-        recompute = llm.generate([prompt], one, use_tqdm=False)[0].metrics
-        for _ in range(evictors):  # push the prompt's blocks out of the GPU pool (demoted to CPU)
-            llm.generate([fresh(prefix_len + tail)], one, use_tqdm=False)
-        again = prompt[:prefix_len] + fresh(tail)
-        llm.engine.step_log, gc_pauses = [], []  # where a slow hit's time went: steps, collections
-        hit = _with_gc_pauses(gc_pauses, lambda: llm.generate([again], one, use_tqdm=False)[0].metrics)  # noqa: B023
-        steps, llm.engine.step_log = llm.engine.step_log, None
-        if rep:
-            runs.append({"recompute_ttft_s": recompute.ttft_s, "cpu_hit_ttft_s": hit.ttft_s,
-                         "cached_by_tier": hit.num_cached_tokens_by_tier,
-                         "queued_s": hit.first_scheduled_time - hit.arrival_time,
-                         "steps": [{"tokens": r.num_tokens, "ms": r.seconds * 1e3} for r in steps],
-                         "gc_ms": [t * 1e3 for t in gc_pauses]})
-    rec = statistics.median(r["recompute_ttft_s"] for r in runs)
-    hit = statistics.median(r["cpu_hit_ttft_s"] for r in runs)
-    return {"prefix_len": prefix_len, "tail": tail, "runs": runs, "recompute_ttft_s": rec,
-            "cpu_hit_ttft_s": hit, "speedup": rec / hit}
-
-
-def _with_gc_pauses(pauses: list[float], fn):
-    """fn(), appending the seconds of each garbage collection that ran inside it to pauses."""
-    started = []
-
-    def callback(phase, info):
-        if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            pauses.append(time.perf_counter() - started.pop())
-    gc.callbacks.append(callback)
-    try:
-        return fn()
-    finally:
-        gc.callbacks.remove(callback)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -235,7 +186,7 @@ def main() -> None:
                   max_num_seqs=8, skip_tokenizer_init=True)
         # the last: loads move whole blocks and the forward waits for all of them (no layer-wise overlap)
         llm.engine.worker.transfers.can_split &= per_layer
-        result["ttft"][name] = ttft(llm, prefix, 16, reps, evictors=3)
+        result["ttft"][name] = prefix_hit_ttft(llm, prefix, 16, reps, evictors=3)
         llm = None
         release(device)
     with open(args.out, "w") as f:

@@ -241,6 +241,7 @@ def _add_bench(sub) -> None:
     _add_bench_multiturn(bsub)
     _add_bench_serve(bsub)
     _add_bench_expansion(bsub)
+    _add_bench_kvpr(bsub)
 
 
 def cmd_bench_expansion(args: argparse.Namespace) -> int:
@@ -281,6 +282,34 @@ def _add_bench_expansion(bsub) -> None:
     ex.add_argument("--plot", default=None, help="write a PNG of step time against fraction here")
     add_engine_args(ex, positional_model=False)
     ex.set_defaults(func=cmd_bench_expansion)
+
+
+def cmd_bench_kvpr(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks.cli import run_bench_kvpr
+    return run_bench_kvpr(args)
+
+
+def _add_bench_kvpr(bsub) -> None:
+    kp = bsub.add_parser("kvpr", help="KVPR: decode with all active KV in the CPU tier, recomputed in part or not",
+                         description="For each --modes value of --kvpr (off = full transfer) an engine with "
+                                     "--kv-expansion 1.0 (every full KV block of every running request lives only "
+                                     "in the CPU tier) decodes --batch random prompts; reports decode tokens/s, the "
+                                     "step and the recomputed share, and (--prefix-len) the TTFT of a CPU-tier "
+                                     "prefix hit by KVPR, by whole reload and by recompute. Give a CPU tier that "
+                                     "holds the batch's KV and layer inputs (--kv-offloading-size).")
+    kp.add_argument("--batch", type=int, default=64, help="requests decoding together")
+    kp.add_argument("--input-len", type=int, default=512, help="prompt tokens of each")
+    kp.add_argument("--output-len", type=int, default=32, help="new tokens of each")
+    kp.add_argument("--modes", default="off,auto", help="--kvpr values compared, comma-separated, with off")
+    kp.add_argument("--prefix-len", type=int, default=0, help="also time a CPU-tier prefix hit this long (0: not)")
+    kp.add_argument("--prefix-reps", type=int, default=3, help="prefix-hit repetitions (median)")
+    kp.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the decode comparison (--no-decode: only the prefix hit)")
+    kp.add_argument("--flexgen-decode-tok-s", type=float, default=None,
+                    help="FlexGen's decode tokens/s measured in the same run (../shared/peers/run_flexgen.py)")
+    kp.add_argument("--output-json", default=None, help="write the results here")
+    add_engine_args(kp, positional_model=False)
+    kp.set_defaults(func=cmd_bench_kvpr)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

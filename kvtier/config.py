@@ -76,6 +76,11 @@ class EngineConfig:
     # all of them, FlexGen's regime; the block being written stays on the GPU)
     # and brought to the GPU layer by layer each step (experiments); needs the CPU tier and prefix caching
     kv_expansion: str = "off"
+    # KVPR: "off"; "auto" (per step, the planner sends the layer inputs of the first l tokens of each
+    # CPU-resident context it loads and recomputes their K/V on the GPU while the rest of the K/V
+    # crosses, l from measured link and GEMM rates; 0 where it does not pay, as for GQA models); or a
+    # fixed FRACTION in [0, 1] of those tokens (experiments). Needs the CPU tier.
+    kvpr: str = "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -100,6 +105,7 @@ class EngineConfig:
                               "(0 turns the CPU tier off)")
         _choice("kv_offloading_policy", self.kv_offloading_policy, OFFLOAD_POLICIES)
         self._validate_expansion()
+        self._validate_kvpr()
         for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -125,6 +131,26 @@ class EngineConfig:
             raise ConfigError(f"invalid kv_expansion {self.kv_expansion!r}; give 'off', 'adaptive' or a far "
                               "fraction in [0, 1], e.g. 0.08")
         self._expansion_needs_tier()
+
+    @property
+    def kvpr_fraction(self) -> float | None:
+        """--kvpr's fixed recomputed share; None when the planner chooses ("auto") or KVPR is off."""
+        return None if self.kvpr in ("off", "auto") else float(self.kvpr)
+
+    def _validate_kvpr(self) -> None:
+        if self.kvpr == "off":
+            return
+        if self.kvpr != "auto":
+            try:
+                fraction = float(self.kvpr)
+            except (TypeError, ValueError):
+                fraction = -1.0
+            if not 0 <= fraction <= 1:
+                raise ConfigError(f"invalid kvpr {self.kvpr!r}; give 'off', 'auto' or a recomputed fraction "
+                                  "in [0, 1], e.g. 0.5")
+        if self.kv_offloading_size <= 0:
+            raise ConfigError("kvpr keeps layer inputs beside the KV blocks of the CPU tier: set "
+                              "--kv-offloading-size (GiB)")
 
     def _expansion_needs_tier(self) -> None:
         if self.kv_offloading_size <= 0 or not self.enable_prefix_caching:

@@ -54,6 +54,12 @@ _ENGINE_HELP = {
                     "(1: all full blocks): that share of each running request's full KV blocks lives only "
                     "in the CPU tier and is brought back layer by layer during each step (prefetched one "
                     "layer ahead into a GPU staging ring); needs --kv-offloading-size",
+    "kvpr": "KVPR partial recomputation: off; auto (each step, for the CPU-resident KV it loads -- far "
+            "blocks of --kv-expansion, prefix hits, swap-ins -- send the layer inputs of the first tokens "
+            "and recompute their K/V on the GPU while the rest of the K/V crosses; the split comes from "
+            "measured link and GEMM rates and is 0 where it does not pay, e.g. grouped-query attention); "
+            "or FRACTION in [0, 1] of those tokens, fixed. The CPU tier then keeps each block's layer inputs "
+            "beside its K/V (its size counts both); needs --kv-offloading-size",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
             "kv_offloading_policy": OFFLOAD_POLICIES}

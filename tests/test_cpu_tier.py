@@ -315,7 +315,7 @@ def test_operations_without_a_handler_fail_before_anything_moves():
     eng, cpu = transfer_engine_over(gpu, torch.zeros(3, 2, 2, 4, 1, 4))
     store = Move(Tier.GPU, Tier.CPU, Kind.KV, ((1, 0),), Stage.BEFORE)
     for bad, match in [(Move(Tier.GPU, Tier.DISK, Kind.KV, ((1, 0),), Stage.BEFORE), "gpu -> disk"),
-                       (Recompute("r", (0, 16)), "not executed yet"),
+                       (Recompute(((0, 1),), (0,)), "--kvpr"),
                        (dataclasses.replace(store, layers=(1, 3)), "layers must be"),
                        (dataclasses.replace(store, stage=Stage.PER_LAYER), "names its layers"),
                        (dataclasses.replace(store, ephemeral=True), "into the staging ring"),
@@ -374,7 +374,7 @@ def test_a_transfer_plan_pickles():
     req.num_computed_tokens = 8
     assert mgr.swap_out(req)
     plan = mgr.take_transfers(0)
-    plan = TransferPlan(plan.step_id, plan.operations + (Recompute("r", (0, 8), (0, 2)),))
+    plan = TransferPlan(plan.step_id, plan.operations + (Recompute(((0, 1), (1, 0)), (0, 4), ephemeral=True),))
     assert plan.pairs(Tier.GPU, Tier.CPU, Stage.BEFORE) == [(0, 0), (1, 1)]
     assert pickle.loads(pickle.dumps(plan)) == plan
 

@@ -81,6 +81,17 @@ def run_bench_expansion(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_kvpr(args: argparse.Namespace) -> int:
+    from kvtier.benchmarks import kvpr
+    cfg = kvpr.KVPRBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kvpr.KVPRBenchConfig)})
+    cfg.mode_list()  # clear errors before an engine is built
+    result: dict[str, Any] = {"command": " ".join(["kvtier", *sys.argv[1:]])}
+    result.update(kvpr.run_kvpr(engine_kwargs(args), cfg))
+    kvpr.print_result(result)
+    save_results(result, cfg.output_json, None, None)
+    return 0
+
+
 def run_bench_serve(args: argparse.Namespace) -> int:
     from kvtier.benchmarks.serve import ServeBenchConfig, run_serve_benchmark
     cfg = ServeBenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeBenchConfig)})

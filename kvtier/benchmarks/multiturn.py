@@ -383,7 +383,7 @@ def run_setting(engine_kwargs: dict[str, Any], conversations: list[Conversation]
     run.update(stall_stats(steps, compiled_before, num_compiled_variants(), driver.t0))
     run.update(device_info(llm), engine_config=kwargs)
     del llm, driver
-    _release_memory()
+    release_memory()
     return run
 
 
@@ -408,7 +408,7 @@ def _warm_up(engine_kwargs: dict[str, Any], conversations: list[Conversation], c
     for active, warm in ((1, alone), (cfg.num_active, rehearsal)):  # no thinking: more varied batches
         ConversationDriver(llm.engine, warm, active, think_times(warm, 0.0, 0), "warmup").run(progress=False)
     del llm
-    _release_memory()
+    release_memory()
 
 
 def _random_like(conversations: list[Conversation], vocab_size: int, seed: int) -> list[Conversation]:
@@ -419,7 +419,7 @@ def _random_like(conversations: list[Conversation], vocab_size: int, seed: int) 
             for i, c in enumerate(conversations)]
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Free a dropped engine's memory before the next one sizes itself."""
     gc.collect()
     if torch.cuda.is_available():

@@ -50,12 +50,18 @@ class Move:
 
 @dataclasses.dataclass(frozen=True)
 class Recompute:
-    """Recompute the K/V of a request's tokens [start, end) in `layers` (None: all) from what is
-    kept (KVPR). Declared only: nothing emits it yet, and the transfer engine refuses a plan that
-    carries one."""
-    request_id: str
-    token_range: tuple[int, int]
-    layers: tuple[int, int] | None = None
+    """KVPR: the K/V of CPU-tier blocks recomputed on the GPU from the layer inputs kept beside them.
+    block_pairs (cpu_block_id, dst): dst a GPU block id, or a staging-ring slot when ephemeral (the
+    step's far blocks, as in an ephemeral Move); first_positions: each block's first token position
+    (RoPE recomputes K there). Per layer the inputs cross first, then the K/V projection runs on
+    the compute stream before the layer's attention while the rest of the step's K/V crosses."""
+    block_pairs: tuple[tuple[int, int], ...]
+    first_positions: tuple[int, ...]
+    ephemeral: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.first_positions) != len(self.block_pairs):
+            raise ValueError(f"{len(self.block_pairs)} blocks but {len(self.first_positions)} first positions")
 
 
 Operation = Move | Recompute

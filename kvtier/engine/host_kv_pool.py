@@ -46,7 +46,7 @@ def _unregister(ptr: int) -> None:
 class HostKVPool:
     """Owns the CPU tier's tensor; unregisters the pinned pages before the memory is freed."""
 
-    def __init__(self, num_blocks: int, spec: StorageSpec, pin: bool | None = None):
+    def __init__(self, num_blocks: int, spec: StorageSpec, pin: bool | None = None, activation_width: int = 0):
         if spec.layout is not Layout.BLOCK_MAJOR:
             raise ValueError(f"the host pool keeps blocks contiguous (block-major), not {spec.layout.value}")
         pin = pinning_available() if pin is None else pin
@@ -58,17 +58,25 @@ class HostKVPool:
         # one copy must not span two registrations (the driver rejects it): copies split here
         self.blocks_per_chunk = max(1, PIN_CHUNK_BYTES // self.block_bytes) if pin else num_blocks
         self.kv = self._pin(self._tensor) if pin else self._tensor  # (Nc, L, 2, bs, Hkv, D)
+        # KVPR: each block's layer inputs beside its K/V, indexed by the same CPU block id
+        self.acts: torch.Tensor | None = None  # (Nc, L, bs * activation_width)
+        if activation_width > 0:
+            make = torch.empty if pin else torch.zeros  # pinning touches every page (storage.allocate)
+            self._acts = make(self.kv.shape[0], spec.num_layers, spec.block_size * activation_width,
+                              dtype=spec.torch_dtype())
+            self.acts = self._pin(self._acts, "pinning CPU KV tier (layer inputs)") if pin else self._acts
+            self.kv = self.kv[:self.acts.shape[0]]
 
     @property
     def num_blocks(self) -> int:
         return self.kv.shape[0]
 
-    def _pin(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _pin(self, tensor: torch.Tensor, desc: str = "pinning CPU KV tier") -> torch.Tensor:
         """Register whole blocks chunk by chunk; on failure keep the pinned prefix."""
         block_bytes = tensor[0].numel() * tensor.element_size()
-        blocks_per_chunk = self.blocks_per_chunk
+        blocks_per_chunk = max(1, PIN_CHUNK_BYTES // block_bytes)
         num_pinned = 0
-        with tqdm(total=tensor.shape[0] * block_bytes, unit="B", unit_scale=True, desc="pinning CPU KV tier",
+        with tqdm(total=tensor.shape[0] * block_bytes, unit="B", unit_scale=True, desc=desc,
                   disable=tensor.shape[0] * block_bytes < 4 * PIN_CHUNK_BYTES) as bar:
             while num_pinned < tensor.shape[0]:
                 n = min(blocks_per_chunk, tensor.shape[0] - num_pinned)

@@ -26,21 +26,32 @@ class KVStorage:
             raise ValueError(f"the GPU tensor {tuple(gpu.shape)} is not laid out as its spec says "
                              f"({gpu_spec.layout.value}: {gpu_spec.shape(0)} with the block count at dim 2)")
         self.gpu, self.host = gpu, host  # gpu: (L, parts, Ng, bs, H, D); host.kv: (Nc, L, parts, bs, H, D)
+        self.gpu_acts: torch.Tensor | None = None  # KVPR (enable_activations): (L, Ng * bs + 1, h)
         self.specs: dict[Tier, StorageSpec] = {Tier.GPU: gpu_spec}
         if host is not None:
             self.specs[Tier.CPU] = host.spec
 
     @classmethod
     def allocate(cls, gpu_spec: StorageSpec, num_gpu_blocks: int, device: torch.device,
-                 num_cpu_blocks: int = 0, pin: bool | None = None) -> KVStorage:
+                 num_cpu_blocks: int = 0, pin: bool | None = None, activation_width: int = 0) -> KVStorage:
         """The GPU tier's tensor and, given CPU blocks, the pinned CPU tier (in the same blocks'
-        CPU layout); a CPU tier that could pin nothing is left off, with a warning."""
+        CPU layout); a CPU tier that could pin nothing is left off, with a warning. With an
+        activation width (KVPR), every tier also keeps each block's layer inputs that wide."""
         gpu = storage.allocate(gpu_spec, num_gpu_blocks, device)
-        host = HostKVPool(num_cpu_blocks, gpu_spec.on(Tier.CPU), pin) if num_cpu_blocks > 0 else None
+        host = (HostKVPool(num_cpu_blocks, gpu_spec.on(Tier.CPU), pin, activation_width)
+                if num_cpu_blocks > 0 else None)
         if host is not None and host.num_blocks == 0:
             logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
             host = None
-        return cls(gpu_spec, gpu, host)
+        kv = cls(gpu_spec, gpu, host)
+        if activation_width > 0:
+            kv.gpu_acts = kv._activation_data(activation_width)
+        return kv
+
+    @staticmethod
+    def activation_bytes_per_block(spec: StorageSpec, activation_width: int) -> int:
+        """KVPR: one block's layer inputs, all layers (what a tier spends beside its K/V)."""
+        return spec.num_layers * spec.block_size * activation_width * spec.torch_dtype().itemsize
 
     @property
     def device(self) -> torch.device:
@@ -75,12 +86,37 @@ class KVStorage:
         return torch.empty(rows, dtype=spec.torch_dtype(), device=self.device)
 
     def activation_rows(self, hidden_size: int) -> list[torch.Tensor]:
-        """KVPR: a GPU tensor of each layer's inputs for every KV slot (the GPU tier's blocks, in
-        its dtype), per layer (slots + 1, hidden_size): the last row takes padding tokens' writes."""
+        """KVPR: each layer's inputs for every KV slot of the GPU tier, per layer (slots + 1,
+        hidden_size): the last row takes padding tokens' writes. The kept tensor when activations
+        are enabled, else a new one."""
+        data = self.gpu_acts if self.gpu_acts is not None else self._activation_data(hidden_size)
+        return list(data.unbind(0))
+
+    def _activation_data(self, width: int) -> torch.Tensor:
         spec = self.specs[Tier.GPU]
         num_slots = self.num_blocks(Tier.GPU) * spec.block_size
-        data = torch.zeros(spec.num_layers, num_slots + 1, hidden_size, dtype=spec.torch_dtype(), device=self.device)
-        return list(data.unbind(0))
+        return torch.zeros(spec.num_layers, num_slots + 1, width, dtype=spec.torch_dtype(), device=self.device)
+
+    def activation_blocks(self, tier: Tier) -> torch.Tensor:
+        """KVPR: (blocks, layers, 1, block_size * width) of `tier`'s kept layer inputs, block ids as
+        for its K/V (what copy_blocks indexes)."""
+        if tier is Tier.CPU:
+            if self.host is None or self.host.acts is None:
+                raise ValueError("this engine keeps no layer inputs in a CPU tier (--kvpr off)")
+            return self.host.acts.unsqueeze(2)
+        if self.gpu_acts is None:
+            raise ValueError("this engine keeps no layer inputs (--kvpr off)")
+        bs, num_blocks = self.specs[Tier.GPU].block_size, self.num_blocks(Tier.GPU)
+        layers, width = self.gpu_acts.shape[0], self.gpu_acts.shape[-1]
+        rows = self.gpu_acts[:, :num_blocks * bs].view(layers, num_blocks, bs * width)  # (L, Ng, bs * h)
+        return rows.permute(1, 0, 2).unsqueeze(2)
+
+    def activation_ring(self, num_entries: int, num_slots: int) -> torch.Tensor:
+        """KVPR beside Pie's ring: (entries, slots, block_size * width) layer inputs of far blocks
+        whose K/V the GPU recomputes into the KV ring's slots."""
+        assert self.gpu_acts is not None
+        row = self.specs[Tier.GPU].block_size * self.gpu_acts.shape[-1]
+        return torch.zeros(num_entries, num_slots, row, dtype=self.gpu_acts.dtype, device=self.device)
 
     def staging_ring(self, num_entries: int, num_slots: int) -> torch.Tensor:
         """Pie's staging ring: (entries, slots, parts, row elements) in the GPU tier's dtype. Layer i

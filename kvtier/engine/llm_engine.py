@@ -32,7 +32,8 @@ from kvtier.engine.worker import StepFuture, Worker
 from kvtier.models.loader import load_model, load_tokenizer, model_config, resolve_model, weight_bytes
 from kvtier.offload.cost_model import HardwareRates, SwapCostModel
 from kvtier.offload.expansion import AdaptiveExpansion, ExpansionController
-from kvtier.offload.hardware import host_link_bandwidth, matmul_flops
+from kvtier.offload.hardware import host_link_bandwidth, matmul_flops, skinny_matmul_flops
+from kvtier.offload.kvpr import KVPRRates
 from kvtier.offload.policies import ALWAYS_SWAP, DEMOTION_POLICIES, CostModelSwap
 from kvtier.ops.kernel_variants import num_compiled_variants
 from kvtier.outputs import RequestOutput
@@ -104,13 +105,16 @@ class LLMEngine:
         self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size, self.dtype)
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
-        kv = KVStorage.allocate(self.kv_spec, num_blocks, self.device, self._num_cpu_blocks())
+        kv = KVStorage.allocate(self.kv_spec, num_blocks, self.device, self._num_cpu_blocks(),
+                                activation_width=self._activation_width)
         self.worker = Worker(model, self.model_config, kv, self.device, config.seed, config.attention_backend)
         self.runner = self.worker.runner
         if kv.host is not None:
             logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", kv.host.num_blocks,
                         kv.host.num_blocks * kv.host.block_bytes / GiB, ", pinned" if kv.host.pinned else "")
         num_far_slots = self._enable_far(num_blocks)  # before the graphs: they read the ring
+        if config.kvpr != "off":  # after the ring (its inputs' ring matches it), before the graphs
+            self._enable_kvpr()
         if self.device.type == "cuda" and not config.enforce_eager and self.runner.attention_backend == "triton":
             # small steps replay these graphs as one decode per token (ModelRunner._per_token_view)
             self.worker.capture_decode_graphs(max(config.max_num_seqs, PER_TOKEN_MAX_QUERY), self.max_model_len)
@@ -152,7 +156,7 @@ class LLMEngine:
         return tuple(sorted(ids))
 
     def _num_blocks(self) -> int:
-        cfg, block_bytes = self.config, self.kv_spec.bytes_per_block
+        cfg, block_bytes = self.config, self._block_bytes
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
         # Without an explicit size, never more than 4x what max_num_seqs full-length sequences
@@ -197,16 +201,39 @@ class LLMEngine:
                     ring_bytes / 2**20)
         return slots
 
+    @property
+    def _activation_width(self) -> int:
+        """KVPR: each tier keeps every block's layer inputs this wide beside its K/V (0: off)."""
+        return self.model_config.hidden_size if self.config.kvpr != "off" else 0
+
+    @property
+    def _block_bytes(self) -> int:
+        """What one block costs a tier: its K/V and, with KVPR, its kept layer inputs."""
+        return self.kv_spec.bytes_per_block + KVStorage.activation_bytes_per_block(self.kv_spec, self._activation_width)
+
+    def _enable_kvpr(self) -> None:
+        """KVPR: rates measured now (the link toward the GPU; the GPU's GEMM at the recompute's
+        shape), refreshed later from the transfers' own timings; the planner's verdict logged."""
+        cfg, kv_width = self.model_config, self.model_config.num_kv_heads * self.model_config.head_dim
+        rows = 8192 if self.device.type == "cuda" else 256
+        rates = KVPRRates(host_link_bandwidth(self.device),
+                          skinny_matmul_flops(self.device, self.dtype, rows, cfg.hidden_size, 2 * kv_width, iters=5))
+        self.worker.enable_kvpr(cfg, rates, self.config.kvpr_fraction)
+        pays = cfg.hidden_size < 2 * kv_width
+        logger.info("kvtier: KVPR %s; link %.1f GB/s, recompute GEMM %.1f TFLOP/s measured; layer inputs %d wide "
+                    "against K+V %d: recomputation %s", self.config.kvpr, rates.link_bytes_per_s / 1e9,
+                    rates.recompute_flops_per_s / 1e12, cfg.hidden_size, 2 * kv_width,
+                    "can pay" if pays else "never pays (the planner will choose l = 0)")
+
     def _num_cpu_blocks(self) -> int:
         """The CPU tier's blocks (--kv-offloading-size GiB of its own spec's blocks); 0 when off."""
         if self.config.kv_offloading_size <= 0:
             return 0
-        cpu_spec = self.kv_spec.on(Tier.CPU)
-        num_cpu_blocks = cpu_spec.num_blocks_in(self.config.kv_offloading_size * GiB)
+        block_bytes = self._block_bytes  # the CPU layout's blocks are as large as the GPU's
+        num_cpu_blocks = int(self.config.kv_offloading_size * GiB // block_bytes)
         if num_cpu_blocks < 1:
             raise ConfigError(f"--kv-offloading-size {self.config.kv_offloading_size} GiB holds no KV block "
-                              f"of {cpu_spec.bytes_per_block} bytes; give at least "
-                              f"{cpu_spec.bytes_per_block / GiB:.6f} GiB")
+                              f"of {block_bytes} bytes; give at least {block_bytes / GiB:.6f} GiB")
         return num_cpu_blocks
 
     @property

@@ -43,6 +43,9 @@ class ModelInputs:
     # Pie: (CPU block, ring slot) of every far block the step reads; the worker loads them into
     # the staging ring layer by layer
     ring_pairs: tuple[tuple[int, int], ...] = ()
+    ring_first_positions: tuple[int, ...] = ()  # each far block's first token position
+    # KVPR: GPU blocks whose first slot this step writes (all their tokens are computed here)
+    first_slot_blocks: np.ndarray | None = None
 
 
 def default_attention_backend(device: torch.device) -> str:
@@ -91,6 +94,16 @@ class ModelRunner:
             from kvtier.ops import triton_attention
             triton_attention.precompile(*self.kv_caches[0], self.cfg.num_heads,
                                         far_kv=self.model.attention_layers()[0].backend.far_kv)
+
+    def block_positions(self, scheduled: list[ScheduledRequest]) -> dict[int, tuple[int, int]]:
+        """KVPR: every GPU block in the step's block tables -> (its sequence's index in the step, its
+        first token position)."""
+        bs = self.block_size
+        return {int(g): (i, j * bs) for i, s in enumerate(scheduled) for j, g in enumerate(self._tables[s.request_id])}
+
+    def recompute_kv(self, layer: int, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KVPR: layer `layer`'s K, V (T, Hkv, D) of kept inputs x (T, h) at `positions` (T,)."""
+        return self.model.attention_modules()[layer].kv_from_input(positions, x)
 
     def save_layer_inputs(self, rows: list[torch.Tensor]) -> None:
         """KVPR: every forward writes each layer's attention input into `rows` (KVStorage.activation_rows)
@@ -171,7 +184,7 @@ class ModelRunner:
         per_token = self._per_token_view(query_lens, seq_lens)
         if per_token:
             arrays += [tables[seq_of_token], positions + 1, np.arange(starts[-1] + 1)]
-        far, ring_pairs = self._far_arrays(scheduled)
+        far, ring_pairs, ring_positions = self._far_arrays(scheduled)
         if far:
             arrays += far + ([far[0][seq_of_token], far[1][seq_of_token]] if per_token else [])
         ids_d, pos_d, slots_d, tables_d, seq_lens_d, starts_d, logits_d, *view = self._to_device(arrays)
@@ -190,21 +203,25 @@ class ModelRunner:
             if per_token:
                 meta.per_token.far = FarPrefix(view[2], view[3], far[0][seq_of_token].tolist(),
                                                far[1][seq_of_token].tolist())
-        return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample], ring_pairs)
+        return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample], ring_pairs,
+                           ring_positions, slots[slots % bs == 0] // bs)
 
-    def _far_arrays(self, scheduled: list[ScheduledRequest]) -> tuple[list[np.ndarray], tuple[tuple[int, int], ...]]:
-        """Pie: [far blocks, first ring slot] per sequence and the (CPU block, ring slot) pairs of
-        the step's far blocks, slots given out in batch order; ([], ()) when nothing is far."""
+    def _far_arrays(self, scheduled: list[ScheduledRequest]
+                    ) -> tuple[list[np.ndarray], tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """Pie: [far blocks, first ring slot] per sequence, the (CPU block, ring slot) pairs of the
+        step's far blocks, slots given out in batch order, and each one's first token position
+        (a sequence's far blocks are its first); ([], (), ()) when nothing is far."""
         counts = np.fromiter((len(s.far_block_ids) for s in scheduled), np.int64, len(scheduled))
         if not counts.any():
-            return [], ()
+            return [], (), ()
         if counts.sum() > self.ring_slots:
             raise RuntimeError(f"{int(counts.sum())} far blocks in one step; the staging ring holds {self.ring_slots}")
         ring_start = np.zeros(len(scheduled), np.int64)
         np.cumsum(counts[:-1], out=ring_start[1:])
         pairs = tuple((cpu_id, int(first) + j) for s, first in zip(scheduled, ring_start)
                       for j, cpu_id in enumerate(s.far_block_ids))
-        return [counts, ring_start], pairs
+        positions = tuple(j * self.block_size for s in scheduled for j in range(len(s.far_block_ids)))
+        return [counts, ring_start], pairs, positions
 
     def _placeholders(self, scheduled: list[ScheduledRequest], starts: np.ndarray) -> list[np.ndarray]:
         """[token indices, rows of the last draw] of the step's placeholder ids (async scheduling:

@@ -26,8 +26,14 @@ what); each `Move` goes to the handler registered for its (src tier, dst tier): 
 GPU -> CPU, `_load` for CPU -> GPU. When each runs is the step's `LayerPipeline`
 (kvtier/engine/layer_pipeline.py): BEFORE moves as the step begins, PER_LAYER loads of layers
 [a, b) at before_layer(a - prefetch_depth), PER_LAYER stores after layer b - 1, AFTER moves
-when the forward is done. An operation no handler executes (a Recompute, a Move between other
-tiers, into a staging slot) fails the step before anything is issued.
+when the forward is done. An operation no handler executes (a Recompute without --kvpr, a Move
+between other tiers, into a staging slot) fails the step before anything is issued.
+
+KVPR (enable_activations). Every store of K/V blocks also copies their kept layer inputs beside
+them (same CPU block ids). A `Recompute` runs per layer like the ring: its blocks' inputs of layer
+i + d cross on the load stream first (the copy kernel, into the activation ring or the GPU blocks'
+input rows), and before layer i the compute stream waits for them and projects them to K/V, into
+the staging ring's slots or the GPU blocks, while the rest of the step's K/V still crosses.
 
 One step with stores and loads, on a GPU:
 
@@ -95,6 +101,24 @@ class RingPlan:
 
 
 @dataclasses.dataclass
+class RecomputePlan:
+    """One Recompute ready to run layer by layer: its CPU blocks and destinations (ring slots or
+    GPU blocks) as device ids, and every recomputed token's position, (n * block_size,)."""
+    op: Recompute
+    cpu_ids: torch.Tensor
+    dst_ids: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.op.block_pairs)
+
+
+# KVPR: (layer, positions (T,), layer inputs (T, h)) -> K, V (T, Hkv, D), as the forward writes them
+RecomputeKV = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
 class _InFlight:
     step_id: int
     timed: list[tuple[str, torch.cuda.Event, torch.cuda.Event]]  # (direction, start, end)
@@ -133,6 +157,11 @@ class TransferEngine:
         self.ring: torch.Tensor | None = None  # Pie's staging ring (attach_ring), (entries, slots, 2, row)
         self.ring_load, self.ring_programs = RING_LOAD, RING_KERNEL_PROGRAMS
         self.handlers: dict[tuple[Tier, Tier], MoveHandler] = {}
+        # KVPR (enable_activations): kept layer inputs per tier, (blocks, L, 1, bs * h); the ring's
+        self.acts: dict[Tier, torch.Tensor] = {}
+        self.act_ring: torch.Tensor | None = None  # (entries, slots, bs * h)
+        self.recompute_kv: RecomputeKV | None = None
+        self.num_recomputed_blocks = 0
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
 
@@ -141,6 +170,14 @@ class TransferEngine:
         layer i's into entry i % entries, so a ring of d + 1 entries prefetches d layers ahead."""
         self.ring = ring
         self.prefetch_depth = ring.shape[0] - 1
+
+    def enable_activations(self, recompute_kv: RecomputeKV) -> None:
+        """KVPR: stores carry the kept layer inputs too, and Recompute operations run through
+        `recompute_kv` (the model's K/V projection of a layer)."""
+        self.acts = {tier: self.kv.activation_blocks(tier) for tier in (Tier.GPU, Tier.CPU)}
+        self.recompute_kv = recompute_kv
+        if self.ring is not None:
+            self.act_ring = self.kv.activation_ring(self.ring.shape[0], self.ring.shape[1])
 
     def _precompile(self) -> None:
         """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
@@ -183,7 +220,10 @@ class TransferEngine:
     def _handler(self, op: Operation) -> MoveHandler:
         """The handler of a Move; a clear error for what no handler executes."""
         if isinstance(op, Recompute):
-            raise NotImplementedError(f"{op}: Recompute operations are declared but not executed yet")
+            if self.recompute_kv is None or (op.ephemeral and self.act_ring is None):
+                raise NotImplementedError(f"{op}: recomputation needs an engine with --kvpr "
+                                          "(into ring slots: and --kv-expansion)")
+            return self._no_handler  # the step's LayerPipeline runs it layer by layer
         handler = self.handlers.get((op.src, op.dst))
         if handler is None:
             raise NotImplementedError(f"{op.src.value} -> {op.dst.value}: no handler registered for this "
@@ -202,6 +242,10 @@ class TransferEngine:
             raise ValueError(f"{op}: layers must be [first, end) within [0, {self.num_layers})")
         return handler
 
+    @staticmethod
+    def _no_handler(move: Move, pipeline: LayerPipeline) -> None:
+        raise AssertionError("issued by the step's LayerPipeline")
+
     def _store(self, move: Move, pipeline: LayerPipeline) -> None:
         """GPU -> CPU: block_pairs (gpu_block_id, cpu_block_id). Waits for the forwards (or, per
         layer, the layers) that wrote its blocks; a BEFORE store is waited for by the forward's
@@ -210,12 +254,87 @@ class TransferEngine:
         ranges = [_layer_slice(move.layers)]
         if not self.on_gpu:
             self._copy_now("to_cpu", pairs, ranges)
+            self._store_acts(pairs, ranges[0], pipeline.flight)
             return
         self.streams["to_cpu"].wait_stream(torch.cuda.current_stream(self.device))
         ends = self._issue("to_cpu", pairs, pipeline.flight, ranges)
+        if self.acts:
+            ends.append(self._store_acts(pairs, ranges[0], pipeline.flight))
         if move.stage is Stage.BEFORE:
             pipeline.stores_end = ends[-1]
             pipeline.wait_before(0, ends[-1])
+
+    def _store_acts(self, pairs: list[tuple[int, int]], layers: slice, flight: _InFlight) -> torch.cuda.Event | None:
+        """KVPR: the stored blocks' kept layer inputs beside their K/V (pairs: GPU, CPU block), by
+        the copy kernel writing pinned memory, after the K/V on the store stream; returns its end."""
+        if not self.acts or not pairs:
+            return None
+        ids = torch.tensor(list(zip(*pairs)), dtype=torch.int64)  # (2, n): GPU, CPU block ids
+        src, dst = self.acts[Tier.GPU][:, layers], self.acts[Tier.CPU][:, layers]
+        self.bytes["to_cpu"] += len(pairs) * dst[0].numel() * dst.element_size()
+        if not self.on_gpu:
+            copy_blocks(src, dst, ids[0], ids[1])
+            return None
+        return self._timed_kernel("to_cpu", flight, lambda: copy_blocks(
+            src, dst, *ids.pin_memory().to(self.device, non_blocking=True), num_programs=self.ring_programs))
+
+    def _timed_kernel(self, direction: str, flight: _InFlight, launch: Callable[[], None]) -> torch.cuda.Event:
+        """`launch` on `direction`'s stream between two timing events the step waits for; its end."""
+        stream = self.streams[direction]
+        with torch.cuda.stream(stream):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            launch()
+            end.record(stream)
+        flight.timed.append((direction, start, end))
+        return end
+
+    # -- KVPR: recomputation from kept layer inputs --------------------------------------------
+
+    def plan_recompute(self, op: Recompute) -> RecomputePlan:
+        """A Recompute's ids and token positions on the device (one copy each, at step start)."""
+        bs = self.kv.specs[Tier.GPU].block_size
+        ids = torch.tensor(list(zip(*op.block_pairs)), dtype=torch.int64)  # (2, n): CPU block, destination
+        positions = (torch.tensor(op.first_positions, dtype=torch.int64)[:, None] + torch.arange(bs)).flatten()
+        if self.on_gpu:
+            ids, positions = (t.pin_memory().to(self.device, non_blocking=True) for t in (ids, positions))
+        return RecomputePlan(op, ids[0], ids[1], positions)
+
+    def load_acts_layer(self, plan: RecomputePlan, layer: int, flight: _InFlight) -> torch.cuda.Event | None:
+        """Layer `layer`'s kept inputs of the plan's blocks, by the copy kernel from pinned memory:
+        into activation ring entry layer % entries (ephemeral; slot i for the plan's i-th block) or
+        the destination GPU blocks' input rows. Returns its end (None on the CPU, where it ran)."""
+        src = self.acts[Tier.CPU][:, layer:layer + 1]
+        if plan.op.ephemeral:
+            assert self.act_ring is not None
+            dst = self.act_ring[layer % self.act_ring.shape[0]].unsqueeze(1).unsqueeze(1)  # (slots, 1, 1, row)
+            dst_ids = torch.arange(plan.num_blocks, device=plan.cpu_ids.device)
+        else:
+            dst, dst_ids = self.acts[Tier.GPU][:, layer:layer + 1], plan.dst_ids
+        self.bytes["to_gpu"] += plan.num_blocks * src[0].numel() * src.element_size()
+        if not self.on_gpu:
+            copy_blocks(src, dst, plan.cpu_ids, dst_ids)
+            return None
+        return self._timed_kernel("to_gpu", flight, lambda: copy_blocks(
+            src, dst, plan.cpu_ids, dst_ids, num_programs=self.ring_programs))
+
+    def recompute_layer(self, plan: RecomputePlan, layer: int) -> None:
+        """On the compute stream, once the layer's inputs are in: their K/V of `layer` into the
+        ring entry's slots or the GPU blocks."""
+        assert self.recompute_kv is not None
+        n, bs = plan.num_blocks, self.kv.specs[Tier.GPU].block_size
+        if plan.op.ephemeral:
+            assert self.act_ring is not None and self.ring is not None
+            x = self.act_ring[layer % self.act_ring.shape[0]][:n]  # (n, bs * h)
+            rows = self.ring[layer % self.ring.shape[0]]  # (slots, 2, row)
+        else:
+            x = self.acts[Tier.GPU][:, layer, 0].index_select(0, plan.dst_ids)
+            rows = self.gpu_blocks[:, layer]  # (Ng, 2, row)
+        k, v = self.recompute_kv(layer, plan.positions, x.reshape(n * bs, -1))
+        for part, kv in enumerate((k, v)):
+            rows[:, part].index_copy_(0, plan.dst_ids, kv.reshape(n, -1).to(rows.dtype))
+        if layer == 0:
+            self.num_recomputed_blocks += n
 
     def _load(self, move: Move, pipeline: LayerPipeline) -> None:
         """CPU -> GPU: block_pairs (cpu_block_id, gpu_block_id). Waits for the forwards that may
@@ -234,14 +353,14 @@ class TransferEngine:
             pipeline.wait_before(layers.start or 0, end)
 
     def plan_ring(self, pairs: tuple[tuple[int, int], ...]) -> RingPlan:
-        """A step's (CPU block, ring slot) pairs, the slots 0..n-1 (the runner gives them out in
-        order), as device ids for the kernel or as runs for DMA and the CPU."""
+        """A step's (CPU block, ring slot) pairs, distinct slots (the runner gives them out in batch
+        order; KVPR leaves out the recomputed ones), as device ids for the kernel or as runs for DMA
+        and the CPU."""
         slots, cpu_ids = zip(*sorted((s, c) for c, s in pairs)) if pairs else ((), ())
-        assert list(slots) == list(range(len(pairs))), "ring slots are 0..n-1"
         if self.on_gpu and self.ring_load == "kernel":
             ids = torch.tensor([cpu_ids, slots], dtype=torch.int64)
             return RingPlan(len(cpu_ids), ids=ids.pin_memory().to(self.device, non_blocking=True))
-        return RingPlan(len(cpu_ids), runs=_runs(list(cpu_ids), self.chunk))
+        return RingPlan(len(cpu_ids), runs=_runs(list(cpu_ids), self.chunk, list(slots)))
 
     def load_ring_layer(self, plan: RingPlan, layer: int, flight: _InFlight) -> torch.cuda.Event | None:
         """One layer of the step's far blocks into ring entry layer % entries: per run of consecutive
@@ -389,12 +508,13 @@ def _layer_slice(layers: tuple[int, int] | None) -> slice:
     return slice(None) if layers is None else slice(*layers)
 
 
-def _runs(cpu_ids: list[int], chunk: int) -> list[tuple[int, int, int]]:
-    """CPU block ids, slot i holding the i-th -> (first slot, first CPU block, length) of each run
-    of consecutive blocks within one `chunk`-block registration of the pinned pool."""
+def _runs(cpu_ids: list[int], chunk: int, slots: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """CPU block ids, slot i holding the i-th (or slots[i]) -> (first slot, first CPU block, length)
+    of each run of blocks consecutive in both within one `chunk`-block registration of the pinned pool."""
     runs: list[tuple[int, int, int]] = []
-    for slot, cpu_id in enumerate(cpu_ids):
-        if runs and runs[-1][1] + runs[-1][2] == cpu_id and cpu_id % chunk:
+    for i, cpu_id in enumerate(cpu_ids):
+        slot = i if slots is None else slots[i]
+        if runs and runs[-1][1] + runs[-1][2] == cpu_id and runs[-1][0] + runs[-1][2] == slot and cpu_id % chunk:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
             runs.append((slot, cpu_id, 1))

@@ -29,10 +29,12 @@ from torch import nn
 from kvtier.cache.storage import Kind, Tier
 from kvtier.cache.transfers import Move, Stage, TransferPlan
 from kvtier.engine.kv_storage import KVStorage
-from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.kvpr_runtime import KVPRRuntime
+from kvtier.engine.model_runner import ModelInputs, ModelRunner
 from kvtier.engine.sampler import DeviceSample
 from kvtier.engine.transfer_engine import PREFETCH_DEPTH, TransferEngine, transfer_stats
 from kvtier.models.config import ModelConfig
+from kvtier.offload.kvpr import KVPRRates, KVPRShape
 from kvtier.ops.attention import NO_HOOKS
 from kvtier.scheduler.output import RunnerOutput, SchedulerOutput
 
@@ -60,6 +62,7 @@ class Worker:
         self.runner = ModelRunner(model, cfg, kv, device, seed, attention_backend)
         self.transfers = TransferEngine(kv) if kv.has_cpu_tier else None  # None: no CPU tier
         self.time_steps = False  # record device events around each step (the engine's step log)
+        self.kvpr: KVPRRuntime | None = None  # enable_kvpr
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.execute_async(plan).result()
@@ -73,7 +76,9 @@ class Worker:
         # in order, so a small copy issued after 500 MiB of loads would wait for all of them
         inputs = None if plan.is_empty else self.runner.prepare_inputs(plan.scheduled)
         transfers = plan.transfers
-        if inputs is not None and inputs.ring_pairs:  # Pie: the far blocks, layer by layer into the ring
+        if self.kvpr is not None:  # part of what the step reads from the CPU tier recomputed
+            transfers = self._kvpr_plan(plan, inputs)
+        elif inputs is not None and inputs.ring_pairs:  # Pie: the far blocks, layer by layer into the ring
             ring_load = Move(Tier.CPU, Tier.GPU, Kind.KV, inputs.ring_pairs, Stage.PER_LAYER, ephemeral=True)
             transfers = TransferPlan(transfers.step_id, (*transfers.operations, ring_load))
         pipeline = self.transfers.begin_step(transfers) if self.transfers is not None else None
@@ -86,6 +91,29 @@ class Worker:
         finally:  # also when the forward or the sampler raised: the step's copies still complete
             if pipeline is not None:
                 pipeline.finish()
+
+    def _kvpr_plan(self, plan: SchedulerOutput, inputs: ModelInputs | None) -> TransferPlan:
+        assert self.kvpr is not None
+        loads = any(isinstance(op, Move) and op.src is Tier.CPU and op.dst is Tier.GPU
+                    for op in plan.transfers.operations)
+        positions_of = self.runner.block_positions(plan.scheduled) if loads and inputs is not None else None
+        if inputs is None:
+            return self.kvpr.rewrite(plan.transfers, (), (), None, None)
+        return self.kvpr.rewrite(plan.transfers, inputs.ring_pairs, inputs.ring_first_positions,
+                                 inputs.first_slot_blocks, positions_of)
+
+    def enable_kvpr(self, cfg: ModelConfig, rates: KVPRRates, fraction: float | None) -> None:
+        """KVPR: every forward keeps its layer inputs per KV slot, stores carry them to the CPU
+        tier, and steps recompute part of what they read from it (after enable_far, before the
+        graphs are captured: they write the kept inputs)."""
+        if self.transfers is None or self.kv.gpu_acts is None:
+            raise ValueError("KVPR needs the CPU tier and storage allocated with activations")
+        self.runner.save_layer_inputs(self.kv.activation_rows(cfg.hidden_size))
+        self.transfers.enable_activations(self.runner.recompute_kv)
+        spec = self.kv.specs[Tier.GPU]
+        shape = KVPRShape(1, cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, spec.torch_dtype().itemsize)
+        self.kvpr = KVPRRuntime(self.kv.num_blocks(Tier.GPU), self.kv.num_blocks(Tier.CPU), spec.block_size,
+                                shape, rates, fraction)
 
     def _event(self) -> torch.cuda.Event | None:
         """A timing event recorded now on the compute stream, when steps are timed on a GPU."""
@@ -128,12 +156,15 @@ class Worker:
         """Step ids whose moves have completed (wait: for all in flight first)."""
         if self.transfers is None:
             return []
-        return self.transfers.synchronize() if wait else self.transfers.poll()
+        done = self.transfers.synchronize() if wait else self.transfers.poll()
+        if self.kvpr is not None:
+            self.kvpr.refresh_link(self.transfers.bytes["to_gpu"], self.transfers.seconds["to_gpu"])
+        return done
 
     def num_blocks(self, tier: Tier) -> int:
         return self.kv.num_blocks(tier) if tier is Tier.GPU or self.kv.has_cpu_tier else 0
 
     def stats(self) -> dict[str, float]:
         if self.transfers is not None:
-            return self.transfers.stats()
+            return self.transfers.stats() | (self.kvpr.stats() if self.kvpr is not None else {})
         return transfer_stats({"to_cpu": 0, "to_gpu": 0}, {"to_cpu": 0.0, "to_gpu": 0.0})

@@ -46,8 +46,9 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
                         rope_scaling=_LLAMA31_SCALING, bos_token_id=128000, eos_token_id=128001),
     "opt-13b": _opt(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40),
     "opt-30b": _opt(hidden_size=7168, ffn_dim=28672, num_hidden_layers=48, num_attention_heads=56),
-    # Tiny shapes for tests: GQA + tied embeddings, Llama-3.1 RoPE scaling, Qwen2 biases, OPT.
+    # Tiny shapes for tests: GQA + tied embeddings, multi-head attention, Llama-3.1 RoPE scaling, Qwen2 biases, OPT.
     "tiny-llama": _llama(**_TINY, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    "tiny-llama2": _llama(**_TINY, num_key_value_heads=4, rope_theta=10000.0),  # multi-head, as Llama-2
     "tiny-llama31": _llama(**{**_TINY, "max_position_embeddings": 4096}, num_key_value_heads=2,
                            rope_scaling={**_LLAMA31_SCALING, "factor": 8.0,
                                          "original_max_position_embeddings": 256}),

@@ -1,0 +1,137 @@
+"""`kvtier bench kvpr`: KVPR against full transfer with all active KV in the CPU tier, and a CPU-tier
+prefix hit by KVPR, by whole-K/V reload and by recompute.
+
+Decode (FlexGen's regime): for each --modes value of --kvpr ("off" is full transfer), one engine with
+--kv-expansion 1.0 (every full block of every running request lives only in the CPU tier and crosses
+the link each step, layer by layer). BATCH random prompts of INPUT_LEN tokens generate OUTPUT_LEN each;
+decode tokens/s = the batch over the median decode step (device time between consecutive steps'
+starts, the steps where every request decodes). `split_fraction` is the share of the CPU-resident
+blocks the steps recomputed (the planner's mean l / s).
+
+Prefix hit (--prefix-len > 0): per mode, an engine whose GPU pool holds ~2.5 such prompts; a prompt
+is computed (TTFT = recompute), three others push it out to the CPU tier, then it comes back with a
+new 16-token ending (TTFT = the hit: whole reload with --kvpr off, partly recomputed with KVPR).
+
+    kvtier bench kvpr --model opt-13b --load-format dummy --skip-tokenizer-init --kv-offloading-size 48 \\
+        --batch 64 --input-len 512 --output-len 32 --prefix-len 4096 --output-json kvpr.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import torch
+
+from kvtier.benchmarks.datasets import random_requests
+from kvtier.benchmarks.multiturn import release_memory
+from kvtier.benchmarks.prefix_hit import prefix_hit_ttft
+from kvtier.benchmarks.throughput import GREEDY, run_requests
+from kvtier.entrypoints.llm import LLM
+from kvtier.offload.hardware import synchronize
+
+
+@dataclasses.dataclass
+class KVPRBenchConfig:
+    batch: int = 64
+    input_len: int = 512
+    output_len: int = 32
+    modes: str = "off,auto"  # --kvpr values, each its own engine; "off" is full transfer
+    prefix_len: int = 0  # the prefix-hit TTFT point (0: not run)
+    prefix_reps: int = 3
+    decode: bool = True  # the decode comparison (off: only the prefix hit)
+    flexgen_decode_tok_s: float | None = None  # FlexGen's, measured in the same run by its own script
+    output_json: str | None = None
+
+    def mode_list(self) -> list[str]:
+        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        if "off" not in modes or len(modes) < 2:
+            raise ValueError(f"--modes {self.modes!r}: 'off' (full transfer) and at least one KVPR mode, e.g. off,auto")
+        return modes
+
+
+def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str) -> dict[str, Any]:
+    """One engine with every full block far and --kvpr `mode`: decode rate, step, split."""
+    llm = LLM(**{**engine_kwargs, "kv_expansion": "1.0", "kvpr": mode,
+                 "max_num_seqs": max(cfg.batch, engine_kwargs.get("max_num_seqs") or 0)})
+    engine = llm.engine
+    reqs = random_requests(cfg.batch, cfg.input_len, cfg.output_len, engine.model_config.vocab_size, seed=0)
+    run_requests(llm, reqs[:2], sampling=dataclasses.replace(GREEDY))  # warm-up: kernel variants, graphs
+    seconds, _, steps = run_requests(llm, reqs)
+    synchronize(engine.device)
+    decodes = [s for s in steps if s.decode_only and s.num_seqs == cfg.batch]
+    spans = [a.device_start.elapsed_time(b.device_start) / 1e3 for a, b in zip(decodes, decodes[1:])
+             if a.device_start is not None and b.device_start is not None] or [s.seconds for s in decodes]
+    step = statistics.median(spans)
+    stats = engine.stats()
+    point = {"kvpr": mode, "decode_tok_s": cfg.batch / step, "decode_step_ms": step * 1e3,
+             "decode_steps": len(decodes), "far_blocks_per_step": statistics.median(s.num_far_blocks for s in decodes),
+             "seconds": seconds, "split_fraction": stats.get("kvpr_split_fraction", 0.0),
+             "link_gb_s": stats.get("kvpr_link_gb_s"), "recompute_tflops": stats.get("kvpr_recompute_tflops")}
+    engine.worker.free_kv_cache()
+    del llm, engine
+    release_memory()
+    return point
+
+
+def prefix_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str) -> dict[str, Any]:
+    pool = int(2.5 * (cfg.prefix_len + 16) / (engine_kwargs.get("block_size") or 16))
+    llm = LLM(**{**engine_kwargs, "kvpr": mode, "num_gpu_blocks_override": pool, "kv_expansion": "off",
+                 "max_model_len": cfg.prefix_len + 64, "max_num_batched_tokens": cfg.prefix_len + 64})
+    result = prefix_hit_ttft(llm, cfg.prefix_len, 16, cfg.prefix_reps, evictors=3)
+    result["split_fraction"] = llm.engine.stats().get("kvpr_split_fraction", 0.0)
+    result.pop("runs")
+    llm.engine.worker.free_kv_cache()
+    del llm
+    release_memory()
+    return result
+
+
+def run_kvpr(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig) -> dict[str, Any]:
+    modes = cfg.mode_list()
+    out = compare_decode(engine_kwargs, cfg, modes) if cfg.decode else {
+        "feature": "kvpr", "device": _device_name(), "torch": torch.__version__, "model": engine_kwargs.get("model")}
+    if cfg.prefix_len > 0:
+        out["prefix_hit"] = {mode: prefix_point(engine_kwargs, cfg, mode) for mode in modes}
+    return out
+
+
+def compare_decode(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, modes: list[str]) -> dict[str, Any]:
+    decode = {mode: decode_point(engine_kwargs, cfg, mode) for mode in modes}
+    best = max((m for m in modes if m != "off"), key=lambda m: decode[m]["decode_tok_s"])
+    full, kvpr = decode["off"], decode[best]
+    out: dict[str, Any] = {
+        "feature": "kvpr", "device": _device_name(), "torch": torch.__version__, "model": engine_kwargs.get("model"),
+        "batch": cfg.batch, "input_len": cfg.input_len, "output_len": cfg.output_len, "kvpr_mode": best,
+        "split_fraction": kvpr["split_fraction"], "kvtier_decode_tok_s": kvpr["decode_tok_s"],
+        "full_transfer_decode_tok_s": full["decode_tok_s"],
+        "speedup_vs_full_transfer": kvpr["decode_tok_s"] / full["decode_tok_s"],
+        "step_latency_reduction": 1 - kvpr["decode_step_ms"] / full["decode_step_ms"],
+        "flexgen_decode_tok_s": cfg.flexgen_decode_tok_s,
+        "vs_flexgen": kvpr["decode_tok_s"] / cfg.flexgen_decode_tok_s if cfg.flexgen_decode_tok_s else None,
+        "decode": decode}
+    return out
+
+
+def print_result(result: dict[str, Any]) -> None:
+    if "decode" in result:
+        print_decode(result)
+    for mode, p in result.get("prefix_hit", {}).items():
+        print(f"prefix hit {p['prefix_len']} tokens, --kvpr {mode}: TTFT {p['cpu_hit_ttft_s'] * 1e3:.1f} ms "
+              f"(recompute {p['recompute_ttft_s'] * 1e3:.1f} ms, split {p['split_fraction']:.2f})")
+
+
+def print_decode(result: dict[str, Any]) -> None:
+    print(f"{'--kvpr':>8}{'decode tok/s':>14}{'step ms':>10}{'split':>8}{'far blocks':>12}")
+    for mode, p in result["decode"].items():
+        print(f"{mode:>8}{p['decode_tok_s']:>14.1f}{p['decode_step_ms']:>10.1f}{p['split_fraction']:>8.2f}"
+              f"{p['far_blocks_per_step']:>12.0f}")
+    flex = result["flexgen_decode_tok_s"]
+    print(f"KVPR ({result['kvpr_mode']}) vs full transfer: {result['speedup_vs_full_transfer']:.2f}x decode, "
+          f"step {result['step_latency_reduction']:.1%} shorter" + (f"; {result['vs_flexgen']:.2f}x FlexGen's "
+                                                                    f"{flex:.1f} tok/s" if flex else ""))
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -3,10 +3,10 @@ prefix hit by KVPR, by whole-K/V reload and by recompute.
 
 Decode (FlexGen's regime): for each --modes value of --kvpr ("off" is full transfer), one engine with
 --kv-expansion 1.0 (every full block of every running request lives only in the CPU tier and crosses
-the link each step, layer by layer). BATCH random prompts of INPUT_LEN tokens generate OUTPUT_LEN each;
-decode tokens/s = the batch over the median decode step (device time between consecutive steps'
-starts, the steps where every request decodes). `split_fraction` is the share of the CPU-resident
-blocks the steps recomputed (the planner's mean l / s).
+the link each step, layer by layer). BATCH random prompts of INPUT_LEN tokens are prefilled with
+nothing far, then every full block goes far and OUTPUT_LEN decode steps are timed: decode tokens/s =
+the batch over the median decode step (device time between consecutive steps' starts).
+`split_fraction` is the share of the CPU-resident blocks the steps recomputed (the planner's mean l / s).
 
 Prefix hit (--prefix-len > 0): per mode, an engine whose GPU pool holds ~2.5 such prompts; a prompt
 is computed (TTFT = recompute), three others push it out to the CPU tier, then it comes back with a
@@ -19,17 +19,17 @@ new 16-token ending (TTFT = the hit: whole reload with --kvpr off, partly recomp
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from typing import Any
 
 import torch
 
-from kvtier.benchmarks.datasets import random_requests
+from kvtier.benchmarks.expansion import _measure, _settle
 from kvtier.benchmarks.multiturn import release_memory
 from kvtier.benchmarks.prefix_hit import prefix_hit_ttft
-from kvtier.benchmarks.throughput import GREEDY, run_requests
+from kvtier.benchmarks.throughput import GREEDY, start_decoding
 from kvtier.entrypoints.llm import LLM
-from kvtier.offload.hardware import synchronize
+
+SETTLE_STEPS = 6  # decode steps for every full block to go far (their CPU copies landed in prefill)
 
 
 @dataclasses.dataclass
@@ -52,22 +52,24 @@ class KVPRBenchConfig:
 
 
 def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str) -> dict[str, Any]:
-    """One engine with every full block far and --kvpr `mode`: decode rate, step, split."""
+    """One engine with --kvpr `mode`: the batch prefilled with nothing far, then every full block
+    far (--kv-expansion 1.0) for the decode steps timed: decode rate, step, recomputed share."""
     llm = LLM(**{**engine_kwargs, "kv_expansion": "1.0", "kvpr": mode,
                  "max_num_seqs": max(cfg.batch, engine_kwargs.get("max_num_seqs") or 0)})
     engine = llm.engine
-    reqs = random_requests(cfg.batch, cfg.input_len, cfg.output_len, engine.model_config.vocab_size, seed=0)
-    run_requests(llm, reqs[:2], sampling=dataclasses.replace(GREEDY))  # warm-up: kernel variants, graphs
-    seconds, _, steps = run_requests(llm, reqs)
-    synchronize(engine.device)
-    decodes = [s for s in steps if s.decode_only and s.num_seqs == cfg.batch]
-    spans = [a.device_start.elapsed_time(b.device_start) / 1e3 for a, b in zip(decodes, decodes[1:])
-             if a.device_start is not None and b.device_start is not None] or [s.seconds for s in decodes]
-    step = statistics.median(spans)
+    # prefill near: mixed prefill + far decode steps of OPT-13B at batch 64 met an illegal memory
+    # access on the H200 (2026-12-01, not yet found; not with CUDA_LAUNCH_BLOCKING=1); decode is timed
+    engine.kv_cache.far_fraction = 0.0
+    start_decoding(llm, cfg.batch, cfg.input_len, cfg.output_len + SETTLE_STEPS + 4, GREEDY)
+    _settle(llm, 1.0, SETTLE_STEPS)
+    before = engine.stats()
+    step, far_blocks = _measure(llm, cfg.output_len)
     stats = engine.stats()
+    recomputed = stats.get("kvpr_recomputed_blocks_total", 0) - before.get("kvpr_recomputed_blocks_total", 0)
+    candidates = stats.get("kvpr_candidate_blocks_total", 0) - before.get("kvpr_candidate_blocks_total", 0)
     point = {"kvpr": mode, "decode_tok_s": cfg.batch / step, "decode_step_ms": step * 1e3,
-             "decode_steps": len(decodes), "far_blocks_per_step": statistics.median(s.num_far_blocks for s in decodes),
-             "seconds": seconds, "split_fraction": stats.get("kvpr_split_fraction", 0.0),
+             "decode_steps": cfg.output_len, "far_blocks_per_step": far_blocks,
+             "split_fraction": recomputed / candidates if candidates else 0.0,
              "link_gb_s": stats.get("kvpr_link_gb_s"), "recompute_tflops": stats.get("kvpr_recompute_tflops")}
     engine.worker.free_kv_cache()
     del llm, engine

@@ -305,6 +305,9 @@ def _add_bench_kvpr(bsub) -> None:
     kp.add_argument("--prefix-reps", type=int, default=3, help="prefix-hit repetitions (median)")
     kp.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                     help="run the decode comparison (--no-decode: only the prefix hit)")
+    kp.add_argument("--ring-load", choices=("dma", "kernel"), default="kernel",
+                    help="how far K/V blocks reach the GPU staging ring: 2-D DMA copies per run of CPU blocks, "
+                         "or the copy kernel reading pinned memory")
     kp.add_argument("--flexgen-decode-tok-s", type=float, default=None,
                     help="FlexGen's decode tokens/s measured in the same run (../shared/peers/run_flexgen.py)")
     kp.add_argument("--output-json", default=None, help="write the results here")

@@ -41,6 +41,7 @@ class KVPRBenchConfig:
     prefix_len: int = 0  # the prefix-hit TTFT point (0: not run)
     prefix_reps: int = 3
     decode: bool = True  # the decode comparison (off: only the prefix hit)
+    ring_load: str = "kernel"  # TransferEngine.ring_load: how far K/V (and kept inputs) reach the GPU
     flexgen_decode_tok_s: float | None = None  # FlexGen's, measured in the same run by its own script
     output_json: str | None = None
 
@@ -57,6 +58,7 @@ def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str)
     llm = LLM(**{**engine_kwargs, "kv_expansion": "1.0", "kvpr": mode,
                  "max_num_seqs": max(cfg.batch, engine_kwargs.get("max_num_seqs") or 0)})
     engine = llm.engine
+    engine.worker.transfers.ring_load = cfg.ring_load
     # prefill near: mixed prefill + far decode steps of OPT-13B at batch 64 met an illegal memory
     # access on the H200 (2026-12-01, not yet found; not with CUDA_LAUNCH_BLOCKING=1); decode is timed
     engine.kv_cache.far_fraction = 0.0

@@ -63,6 +63,7 @@ import torch
 
 from kvtier.cache.storage import Kind, Tier
 from kvtier.cache.transfers import Move, Operation, Recompute, Stage, TransferPlan
+from kvtier.engine.host_kv_pool import PIN_CHUNK_BYTES
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.layer_pipeline import LayerPipeline
 from kvtier.ops import dma
@@ -108,6 +109,7 @@ class RecomputePlan:
     cpu_ids: torch.Tensor
     dst_ids: torch.Tensor
     positions: torch.Tensor
+    runs: list[tuple[int, int, int]] | None = None  # ring_load "dma": (first slot, first CPU block, count)
 
     @property
     def num_blocks(self) -> int:
@@ -296,9 +298,13 @@ class TransferEngine:
         bs = self.kv.specs[Tier.GPU].block_size
         ids = torch.tensor(list(zip(*op.block_pairs)), dtype=torch.int64)  # (2, n): CPU block, destination
         positions = (torch.tensor(op.first_positions, dtype=torch.int64)[:, None] + torch.arange(bs)).flatten()
+        runs = None
+        if self.on_gpu and op.ephemeral and self.ring_load == "dma":  # the inputs by DMA, slot i the i-th block
+            acts = self.acts[Tier.CPU]
+            runs = _runs(ids[0].tolist(), max(1, PIN_CHUNK_BYTES // (acts[0].numel() * acts.element_size())))
         if self.on_gpu:
             ids, positions = (t.pin_memory().to(self.device, non_blocking=True) for t in (ids, positions))
-        return RecomputePlan(op, ids[0], ids[1], positions)
+        return RecomputePlan(op, ids[0], ids[1], positions, runs)
 
     def load_acts_layer(self, plan: RecomputePlan, layer: int, flight: _InFlight) -> torch.cuda.Event | None:
         """Layer `layer`'s kept inputs of the plan's blocks, by the copy kernel from pinned memory:
@@ -315,6 +321,9 @@ class TransferEngine:
         if not self.on_gpu:
             copy_blocks(src, dst, plan.cpu_ids, dst_ids)
             return None
+        runs = plan.runs
+        if runs is not None:
+            return self._timed_kernel("to_gpu", flight, lambda: self._ring_dma(dst[:, 0], src[:, 0], runs))
         return self._timed_kernel("to_gpu", flight, lambda: copy_blocks(
             src, dst, plan.cpu_ids, dst_ids, num_programs=self.ring_programs))
 

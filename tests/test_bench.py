@@ -105,3 +105,21 @@ def test_bench_expansion_capacity_workload(tmp_path):
     assert res["capacity"]["gpu_blocks"] == int(8 * 20 / 1.25)  # 80 tokens a request in 4-token blocks
     assert runs["off"]["num_preemptions"] > 0 and runs["swap"]["num_swaps"] > 0
     assert runs["expansion"]["num_preemptions"] == 0 and runs["expansion"]["max_far_blocks"] > 0
+
+
+def test_bench_kvpr_compares_full_transfer_and_recomputation(tmp_path, capsys):
+    """`kvtier bench kvpr` on the CPU: every full block far while decode is timed, KVPR's share as
+    forced, the prefix hit by each mode, and the issue's keys in the JSON."""
+    out = tmp_path / "kvpr.json"
+    assert main(["bench", "kvpr", "--model", "tiny-opt", "--load-format", "dummy", "--skip-tokenizer-init",
+                 "--kv-offloading-size", "0.05", "--batch", "4", "--input-len", "40", "--output-len", "6",
+                 "--modes", "off,1.0", "--prefix-len", "48", "--prefix-reps", "1", "--block-size", "4",
+                 "--flexgen-decode-tok-s", "50", "--output-json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {"feature", "device", "model", "split_fraction", "kvtier_decode_tok_s", "full_transfer_decode_tok_s",
+            "speedup_vs_full_transfer", "flexgen_decode_tok_s"} <= set(res)
+    assert res["feature"] == "kvpr" and res["flexgen_decode_tok_s"] == 50
+    assert res["decode"]["off"]["split_fraction"] == 0 and res["split_fraction"] == 1.0
+    assert all(p["far_share"] >= 0.8 for p in res["decode"].values())  # 10-12 full blocks a request, the newest lag
+    assert res["prefix_hit"]["1.0"]["split_fraction"] > 0 and res["prefix_hit"]["off"]["split_fraction"] == 0
+    assert "FlexGen" in capsys.readouterr().out

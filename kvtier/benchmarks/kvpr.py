@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from kvtier.benchmarks.expansion import _measure, _settle
+from kvtier.benchmarks.expansion import _measure
 from kvtier.benchmarks.multiturn import release_memory
 from kvtier.benchmarks.prefix_hit import prefix_hit_ttft
 from kvtier.benchmarks.throughput import GREEDY, start_decoding
 from kvtier.entrypoints.llm import LLM
 
-SETTLE_STEPS = 6  # decode steps for every full block to go far (their CPU copies landed in prefill)
+SETTLE_STEPS = 48  # at most, decode steps for every full block to go far (copies land in prefill)
 
 
 @dataclasses.dataclass
@@ -63,20 +63,37 @@ def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str)
     # access on the H200 (2026-12-01, not yet found; not with CUDA_LAUNCH_BLOCKING=1); decode is timed
     engine.kv_cache.far_fraction = 0.0
     start_decoding(llm, cfg.batch, cfg.input_len, cfg.output_len + SETTLE_STEPS + 4, GREEDY)
-    _settle(llm, 1.0, SETTLE_STEPS)
+    settle_steps = _all_far(llm)
     before = engine.stats()
     step, far_blocks = _measure(llm, cfg.output_len)
     stats = engine.stats()
     recomputed = stats.get("kvpr_recomputed_blocks_total", 0) - before.get("kvpr_recomputed_blocks_total", 0)
     candidates = stats.get("kvpr_candidate_blocks_total", 0) - before.get("kvpr_candidate_blocks_total", 0)
     point = {"kvpr": mode, "decode_tok_s": cfg.batch / step, "decode_step_ms": step * 1e3,
-             "decode_steps": cfg.output_len, "far_blocks_per_step": far_blocks,
+             "decode_steps": cfg.output_len, "far_blocks_per_step": far_blocks, "settle_steps": settle_steps,
+             "far_share": far_blocks / max(1, _full_blocks(engine)),
              "split_fraction": recomputed / candidates if candidates else 0.0,
              "link_gb_s": stats.get("kvpr_link_gb_s"), "recompute_tflops": stats.get("kvpr_recompute_tflops")}
     engine.worker.free_kv_cache()
     del llm, engine
     release_memory()
     return point
+
+
+def _full_blocks(engine) -> int:
+    return sum(r.num_computed_tokens // engine.config.block_size for r in engine.scheduler.running)
+
+
+def _all_far(llm: LLM) -> int:
+    """Steps until every full block is far (but the newest of each request: a block goes far a step
+    or two after its CPU copy lands); at most SETTLE_STEPS. The far share is reported beside the rate."""
+    engine = llm.engine
+    engine.kv_cache.far_fraction = 1.0
+    for steps in range(SETTLE_STEPS):
+        if engine.kv_cache.num_far_blocks() >= _full_blocks(engine) - len(engine.scheduler.running):
+            return steps
+        engine.step()
+    return SETTLE_STEPS
 
 
 def prefix_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str) -> dict[str, Any]:
@@ -127,10 +144,10 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 def print_decode(result: dict[str, Any]) -> None:
-    print(f"{'--kvpr':>8}{'decode tok/s':>14}{'step ms':>10}{'split':>8}{'far blocks':>12}")
+    print(f"{'--kvpr':>8}{'decode tok/s':>14}{'step ms':>10}{'split':>8}{'far blocks':>12}{'far share':>11}")
     for mode, p in result["decode"].items():
         print(f"{mode:>8}{p['decode_tok_s']:>14.1f}{p['decode_step_ms']:>10.1f}{p['split_fraction']:>8.2f}"
-              f"{p['far_blocks_per_step']:>12.0f}")
+              f"{p['far_blocks_per_step']:>12.0f}{p['far_share']:>11.2f}")
     flex = result["flexgen_decode_tok_s"]
     print(f"KVPR ({result['kvpr_mode']}) vs full transfer: {result['speedup_vs_full_transfer']:.2f}x decode, "
           f"step {result['step_latency_reduction']:.1%} shorter" + (f"; {result['vs_flexgen']:.2f}x FlexGen's "

@@ -81,6 +81,11 @@ PREFETCH_DEPTH = 1  # a PER_LAYER load of layers [a, b) is issued before layer a
 # 16% both are link-bound (60.4 / 59.5 ms). 4 programs: 9.7 ms at 1%, 16.3 at 3%; 8: 10.0 and 12.6.
 RING_LOAD = "kernel"
 RING_KERNEL_PROGRAMS = 8
+# ...but a step reading more far blocks goes by DMA: the kernel path hit an illegal memory access on
+# the H200 with OPT-13B at 64 x 512 and every block far (~1100-2100 blocks a step; three runs, not
+# with CUDA_LAUNCH_BLOCKING=1, cause not found), where DMA ran clean; the kernel was validated up
+# to ~1330 far blocks a step (Llama-3-8B 64 x 2048 at 16% far). Per-copy cost matters less there.
+RING_KERNEL_MAX_BLOCKS = 1024
 
 
 def staging_blocks(block_bytes: int) -> int:
@@ -299,7 +304,8 @@ class TransferEngine:
         ids = torch.tensor(list(zip(*op.block_pairs)), dtype=torch.int64)  # (2, n): CPU block, destination
         positions = (torch.tensor(op.first_positions, dtype=torch.int64)[:, None] + torch.arange(bs)).flatten()
         runs = None
-        if self.on_gpu and op.ephemeral and self.ring_load == "dma":  # the inputs by DMA, slot i the i-th block
+        by_dma = self.ring_load == "dma" or len(op.block_pairs) > RING_KERNEL_MAX_BLOCKS  # as plan_ring
+        if self.on_gpu and op.ephemeral and by_dma:  # the inputs by DMA, slot i the i-th block
             acts = self.acts[Tier.CPU]
             runs = _runs(ids[0].tolist(), max(1, PIN_CHUNK_BYTES // (acts[0].numel() * acts.element_size())))
         if self.on_gpu:
@@ -366,7 +372,7 @@ class TransferEngine:
         order; KVPR leaves out the recomputed ones), as device ids for the kernel or as runs for DMA
         and the CPU."""
         slots, cpu_ids = zip(*sorted((s, c) for c, s in pairs)) if pairs else ((), ())
-        if self.on_gpu and self.ring_load == "kernel":
+        if self.on_gpu and self.ring_load == "kernel" and len(pairs) <= RING_KERNEL_MAX_BLOCKS:
             ids = torch.tensor([cpu_ids, slots], dtype=torch.int64)
             return RingPlan(len(cpu_ids), ids=ids.pin_memory().to(self.device, non_blocking=True))
         return RingPlan(len(cpu_ids), runs=_runs(list(cpu_ids), self.chunk, list(slots)))

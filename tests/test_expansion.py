@@ -115,3 +115,23 @@ def test_adaptive_reference_follows_the_bytes_a_step_reads():
     assert tracker.controller.fraction > before
     tracker.observe(0.030, 5, 3e9)  # 50% slower than its reference: a cut (3 x epsilon)
     assert tracker.controller.fraction < 2 * before and not tracker.controller.probing
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_controller_holds_at_zero_when_any_far_block_costs_too_much(seed):
+    """A plant with a fixed cost for having anything far (6.4%, as the per-layer machinery cost on
+    the H200) above epsilon: the true knee is 0. The controller spends its time at 0, never holds a
+    slow fraction for more than 5 steps, and the last third's median slowdown is within epsilon."""
+    controller, rng, fraction, slowdowns = ExpansionController(), random.Random(seed), 0.0, []
+    for _ in range(400):
+        slowdown = (1.064 if fraction > 0 else 1.0) * max(1.0, fraction / 0.025) - 1
+        step_time = 0.008 * (1 + slowdown) * (1 + rng.gauss(0, 0.01))
+        slowdowns.append(slowdown)
+        fraction = controller.update(step_time, 0.008)
+    longest = run = 0
+    for s in slowdowns:
+        run = run + 1 if s > controller.epsilon + 0.02 else 0
+        longest = max(longest, run)
+    assert longest <= 5
+    assert sorted(slowdowns[-133:])[66] <= controller.epsilon
+    assert sum(s > 0 for s in slowdowns[-133:]) <= 133 // 10  # probes, then longer holds

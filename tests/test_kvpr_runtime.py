@@ -35,13 +35,14 @@ def test_all_far_recomputed_equals_off(tiny_model_dir, name, kvpr):
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama2"])
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_prefix_reloads_and_swap_ins_recomputed_equal_off(tiny_model_dir, name, async_scheduling):
+@pytest.mark.parametrize("async_scheduling, kvpr", [(False, "1.0"), (True, "1.0"), (False, "0.5")])
+def test_prefix_reloads_and_swap_ins_recomputed_equal_off(tiny_model_dir, name, async_scheduling, kvpr):
     """A tight GPU pool: prefixes evicted to the CPU tier come back as hits, and preempted requests
-    swap out and in; with --kvpr 1.0 every such block with kept inputs is recomputed instead of loaded."""
+    swap out and in; with --kvpr 1.0 every such block with kept inputs is recomputed instead of
+    loaded; with 0.5 half are, and the rest load layer by layer behind the recomputed inputs."""
     path = tiny_model_dir(name)[0]
     ref, _, _ = run(path, waves(), async_scheduling=async_scheduling, **TIGHT)
-    got, engine, _ = run(path, waves(), kvpr="1.0", async_scheduling=async_scheduling, **TIGHT)
+    got, engine, _ = run(path, waves(), kvpr=kvpr, async_scheduling=async_scheduling, **TIGHT)
     assert got == ref
     done, candidates = recomputed(engine)
     assert done > 0 and engine.stats()["num_preemptions_total"] > 0
@@ -57,9 +58,14 @@ def test_planner_recomputes_nothing_for_gqa(tiny_model_dir):
     assert candidates > 0 and done == 0
 
 
-def test_planner_recomputes_part_for_multi_head(tiny_model_dir):
-    """A multi-head model's inputs are half as wide as its K+V: the planner recomputes a share
-    between 0 and all, and tokens still equal KVPR off."""
+def test_planner_recomputes_part_for_multi_head(tiny_model_dir, monkeypatch):
+    """A multi-head model's inputs are half as wide as its K+V: with a GPU that recomputes as fast
+    as the link carries K/V (rates fixed here: the CPU's own vary with load), the planner recomputes
+    a share between 0 and all, and tokens still equal KVPR off."""
+    import kvtier.engine.llm_engine as llm_engine
+    hidden, kv_width = 64, 64  # tiny-opt; T(l)'s crossover is then at l / s = 2 / 3
+    monkeypatch.setattr(llm_engine, "host_link_bandwidth", lambda device: 1e9)
+    monkeypatch.setattr(llm_engine, "skinny_matmul_flops", lambda *a, **k: 4 * hidden * kv_width * 1e9 / (2 * kv_width * 4))
     path = tiny_model_dir("tiny-opt")[0]
     ref, _, _ = run(path, waves(), **ROOMY)
     got, engine, _ = run(path, waves(), kv_expansion="1.0", kvpr="auto", **ROOMY)
@@ -120,3 +126,10 @@ def test_kept_inputs_are_whole_only_for_blocks_the_gpu_computed():
     plan = rt.rewrite(TransferPlan(5, (move(Tier.CPU, Tier.GPU, [(2, 6)], Stage.BEFORE),)), (), (), None,
                       {6: (0, 0)})
     assert plan.operations == (Recompute(((2, 6),), (0,)),) and rt.gpu_whole[6]
+    # a hit of [cpu 2 | cpu 4]: the whole one recomputed, the other loaded layer by layer behind it
+    rt.num_layers = 2
+    plan = rt.rewrite(TransferPlan(6, (move(Tier.CPU, Tier.GPU, [(2, 6), (4, 7)], Stage.BEFORE),)), (), (), None,
+                      {6: (0, 0), 7: (0, 4)})
+    assert plan.operations == (Recompute(((2, 6),), (0,)),
+                               *(Move(Tier.CPU, Tier.GPU, Kind.KV, ((4, 7),), Stage.PER_LAYER, (i, i + 1))
+                                 for i in range(2)))

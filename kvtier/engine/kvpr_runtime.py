@@ -38,10 +38,11 @@ LINK_REFRESH_BYTES = 1 << 30  # the link rate follows the transfer engine's own 
 
 class KVPRRuntime:
     def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, shape: KVPRShape,
-                 rates: KVPRRates, fraction: float | None = None):
+                 rates: KVPRRates, fraction: float | None = None, num_layers: int = 1):
         self.gpu_whole = np.zeros(num_gpu_blocks, bool)  # kept inputs of every token of the block
         self.cpu_whole = np.zeros(num_cpu_blocks, bool)
         self.block_size, self.shape, self.rates, self.fraction = block_size, shape, rates, fraction
+        self.num_layers = num_layers
         self.num_candidate_blocks = 0  # CPU-resident blocks that steps read
         self.num_recomputed_blocks = 0
         self.last_split: tuple[float, float, float] | None = None  # (l / s, predicted T(l), T(0)) a layer
@@ -92,10 +93,14 @@ class KVPRRuntime:
         self.gpu_whole[[g for _, g in kept_pairs]] = False
         self.gpu_whole[[g for _, _, g in recomputed]] = True
         ops: list[Operation] = []
-        if kept_pairs:
-            ops.append(Move(move.src, move.dst, move.kind, tuple(kept_pairs), move.stage, move.layers))
         if recomputed:
             ops.append(Recompute(tuple((c, g) for _, c, g in recomputed), tuple(p for p, _, _ in recomputed)))
+            if kept_pairs and move.stage is Stage.BEFORE and move.layers is None:
+                # the rest layer by layer behind each layer's inputs, so the projection overlaps it
+                return ops + [Move(move.src, move.dst, move.kind, tuple(kept_pairs), Stage.PER_LAYER, (i, i + 1))
+                              for i in range(self.num_layers)]
+        if kept_pairs:
+            ops.append(Move(move.src, move.dst, move.kind, tuple(kept_pairs), move.stage, move.layers))
         return ops
 
     def _split_ring(self, pairs: tuple[tuple[int, int], ...], positions: tuple[int, ...]) -> list[Operation]:

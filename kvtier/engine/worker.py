@@ -113,7 +113,7 @@ class Worker:
         spec = self.kv.specs[Tier.GPU]
         shape = KVPRShape(1, cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, spec.torch_dtype().itemsize)
         self.kvpr = KVPRRuntime(self.kv.num_blocks(Tier.GPU), self.kv.num_blocks(Tier.CPU), spec.block_size,
-                                shape, rates, fraction)
+                                shape, rates, fraction, spec.num_layers)
 
     def _event(self) -> torch.cuda.Event | None:
         """A timing event recorded now on the compute stream, when steps are timed on a GPU."""

@@ -65,7 +65,8 @@ def test_planner_recomputes_part_for_multi_head(tiny_model_dir, monkeypatch):
     import kvtier.engine.llm_engine as llm_engine
     hidden, kv_width = 64, 64  # tiny-opt; T(l)'s crossover is then at l / s = 2 / 3
     monkeypatch.setattr(llm_engine, "host_link_bandwidth", lambda device: 1e9)
-    monkeypatch.setattr(llm_engine, "skinny_matmul_flops", lambda *a, **k: 4 * hidden * kv_width * 1e9 / (2 * kv_width * 4))
+    flops = 4 * hidden * kv_width * 1e9 / (2 * kv_width * 4)  # a token recomputed as fast as its K/V cross
+    monkeypatch.setattr(llm_engine, "skinny_matmul_flops", lambda *a, **k: flops)
     path = tiny_model_dir("tiny-opt")[0]
     ref, _, _ = run(path, waves(), **ROOMY)
     got, engine, _ = run(path, waves(), kv_expansion="1.0", kvpr="auto", **ROOMY)

@@ -86,7 +86,11 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
     if [[ " ${KVPR_PARTS:-flexgen opt llama} " == *" opt "* ]]; then
       echo "== KVPR: OPT-13B, all active KV in the CPU tier: full transfer vs KVPR; a 4096-token prefix hit"
       python3 -m kvtier.cli bench kvpr --model opt-13b $KVPR_ARGS --kv-offloading-size 48 ${KVPR_OPT_ARGS:-} \
-          --prefix-len ${KVPR_PREFIX_LEN:-4096} --output-json "$OUT/kvpr_opt13b.json" || echo "KVPR FAILED rc=$?"
+          --output-json "$OUT/kvpr_opt13b.json" || echo "KVPR FAILED rc=$?"
+      echo "== KVPR: a 4096-token CPU-tier prefix hit, OPT-13B's shape with 4096 positions: reload, KVPR, recompute"
+      python3 -m kvtier.cli bench kvpr --model opt-13b-4k --no-decode --load-format dummy --skip-tokenizer-init \
+          --kv-offloading-size 24 --prefix-len ${KVPR_PREFIX_LEN:-4096} --output-json "$OUT/kvpr_prefix_opt13b.json" \
+          || echo "KVPR FAILED rc=$?"
     fi
     if [[ " ${KVPR_PARTS:-flexgen opt llama} " == *" llama "* ]]; then
       echo "== KVPR: Llama-3-8B (GQA), same setting: the planner must choose l = 0"

@@ -11,12 +11,14 @@
 #   kvpr      KVPR: FlexGen (the peer; .peers/ holds its wheel and runner, see ../shared/peers/README.md),
 #             then OPT-13B decode with all active KV in the CPU tier, full transfer vs KVPR, and a
 #             4096-token CPU-tier prefix hit; Llama-3-8B (GQA) the same (the planner must choose l = 0)
+#   newops    the KCache decode op and the int8/int4/fp8 KV formats: their tests on the GPU (compiled
+#             kernels against the references), then their timings (kcache.json, kv_quant.json)
 #   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512, and sampled
 # SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-out}
-SECTIONS=${SECTIONS:-"kernels equality bench transfer tier multiturn expansion kvpr"}
+SECTIONS=${SECTIONS:-"kernels newops equality bench transfer tier multiturn expansion kvpr"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
@@ -32,6 +34,12 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
   if want kernels; then
     echo "== kernels"
     python3 benchmarks/kernels_gpu.py --out "$OUT" || echo "KERNELS FAILED rc=$?"
+  fi
+  if want newops; then
+    echo "== KCache op and KV quantization formats: compiled kernels vs references, then timings"
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_kcache_op.py tests/test_kv_quant.py || echo "NEWOPS TESTS FAILED rc=$?"
+    python3 benchmarks/kcache_gpu.py --out "$OUT/kcache.json" || echo "KCACHE BENCH FAILED rc=$?"
+    python3 benchmarks/kv_quant_gpu.py --out "$OUT/kv_quant.json" || echo "KV QUANT BENCH FAILED rc=$?"
   fi
   if want equality; then
     echo "== greedy equality on the GPU (HF; CPU tier on/off) and transfer exactness"

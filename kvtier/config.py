@@ -17,6 +17,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_POLICIES = ("write-back", "write-through")
+OFFLOADING_DTYPES = ("auto", "int8", "int4")  # the CPU tier's: auto = the GPU cache's dtype
 # --kv-expansion adaptive: the far share the controller may reach (sizes the staging ring: at Llama-3-8B's
 # 32 layers, a ring of 2 layers' worth of far blocks costs ~2% of the GPU KV memory)
 ADAPTIVE_MAX_FRACTION = 0.25
@@ -65,6 +66,13 @@ class EngineConfig:
     # hit's TTFT 23.5 vs 34.6 ms for a 4096-token prefix: write-back stores evicted blocks on the
     # critical path of the request that evicts them), benchmarks/results/h100-2026-11-22-tier
     kv_offloading_policy: str = "write-through"
+    # the CPU tier's format: "auto" (the GPU cache's dtype), or "int8" / "int4" blocks in KIVI's
+    # format (kvtier/ops/kv_quant.py), quantized on the GPU before the DMA, dequantized after it:
+    # the same GiB hold ~1.7x / ~2.9x the blocks, and the link carries that much less
+    kv_offloading_dtype: str = "auto"
+    # a quantized tier's V channels sharing a scale and zero (a power of two dividing head_dim);
+    # None = kv_quant's DEFAULT_GROUP_SIZE (32, KIVI's), or the widest power of two dividing a narrower head_dim
+    kv_offloading_group_size: int | None = None
     # torch's intra-op threads when the engine runs on the CPU; None = the cores this process may
     # use (default_cpu_threads). Fewer can be far faster beside other busy processes: threads that
     # wait for a core at every op's barrier stall the whole op.
@@ -106,6 +114,7 @@ class EngineConfig:
         _choice("kv_offloading_policy", self.kv_offloading_policy, OFFLOAD_POLICIES)
         self._validate_expansion()
         self._validate_kvpr()
+        self._validate_offloading_dtype()
         for name in ("kv_cache_memory", "num_gpu_blocks_override", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -151,6 +160,28 @@ class EngineConfig:
         if self.kv_offloading_size <= 0:
             raise ConfigError("kvpr keeps layer inputs beside the KV blocks of the CPU tier: set "
                               "--kv-offloading-size (GiB)")
+
+    def _validate_offloading_dtype(self) -> None:
+        _choice("kv_offloading_dtype", self.kv_offloading_dtype, OFFLOADING_DTYPES)
+        group, quantized = self.kv_offloading_group_size, self.kv_offloading_dtype != "auto"
+        if group is not None and (not isinstance(group, int) or group < 1 or group & (group - 1)):
+            raise ConfigError(f"kv_offloading_group_size={group!r} must be a power of two (e.g. 32) that "
+                              "divides the model's head_dim")
+        if group is not None and not quantized:
+            raise ConfigError("kv_offloading_group_size sets a quantized CPU tier's groups: also set "
+                              "--kv-offloading-dtype int8 or int4, or drop it")
+        if not quantized:
+            return
+        if self.kv_offloading_size <= 0:
+            raise ConfigError(f"kv_offloading_dtype {self.kv_offloading_dtype} quantizes the CPU tier: set "
+                              "--kv-offloading-size (GiB)")
+        # not yet: both read the CPU tier's blocks in the GPU's dtype, as raw rows
+        for name, value, why in (("kv_expansion", self.kv_expansion, "Pie's staging ring loads raw K/V"),
+                                 ("kvpr", self.kvpr, "KVPR keeps layer inputs beside raw K/V")):
+            if value != "off":
+                raise ConfigError(f"kv_offloading_dtype {self.kv_offloading_dtype} does not work with "
+                                  f"{name} {value!r} yet ({why} blocks): use --kv-offloading-dtype auto, or "
+                                  f"--{name.replace('_', '-')} off")
 
     def _expansion_needs_tier(self) -> None:
         if self.kv_offloading_size <= 0 or not self.enable_prefix_caching:

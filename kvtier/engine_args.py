@@ -13,7 +13,14 @@ import argparse
 import dataclasses
 from typing import Any
 
-from kvtier.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, OFFLOAD_POLICIES, EngineConfig
+from kvtier.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    LOAD_FORMATS,
+    OFFLOAD_POLICIES,
+    OFFLOADING_DTYPES,
+    EngineConfig,
+)
 
 _ENGINE_HELP = {
     "model": "model: a local HF directory, a .gguf file, or with --load-format dummy a config name "
@@ -43,6 +50,15 @@ _ENGINE_HELP = {
     "kv_offloading_policy": "write-through: copy every block to CPU once full, beside later steps; "
                             "write-back: copy a block when the GPU evicts it, on the critical path of the "
                             "request that needs the space",
+    "kv_offloading_dtype": "the CPU tier's format: auto (the GPU cache's dtype), or int8 / int4 (KIVI: K per "
+                           "channel, V per token in groups, an fp16 scale and zero per group): blocks are "
+                           "quantized on the GPU before they cross to the CPU and dequantized after they come "
+                           "back, so --kv-offloading-size holds ~1.7x (int8) / ~2.9x (int4) the blocks and the "
+                           "link moves that much less; lossy (greedy tokens may change). Not yet with "
+                           "--kv-expansion or --kvpr",
+    "kv_offloading_group_size": "V channels that share a scale and zero in an int8 / int4 CPU tier, a power "
+                                "of two dividing head_dim (smaller: more accurate, more bytes); default: 32 "
+                                "(KIVI's), or the widest power of two dividing a narrower head_dim",
     "cpu_threads": "torch threads for the model on the CPU; default: OMP_NUM_THREADS if set, else the "
                    "cores this process may use. Beside other busy processes a lower value (even 1) "
                    "can be many times faster. On a GPU applied only when given",
@@ -62,7 +78,7 @@ _ENGINE_HELP = {
             "beside its K/V (its size counts both); needs --kv-offloading-size",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
-            "kv_offloading_policy": OFFLOAD_POLICIES}
+            "kv_offloading_policy": OFFLOAD_POLICIES, "kv_offloading_dtype": OFFLOADING_DTYPES}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:

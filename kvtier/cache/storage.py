@@ -18,6 +18,12 @@ Layouts, for kind KV (parts = 2: K then V; kinds K, V and activations have parts
                        a run of consecutive blocks as one copy or one 2-D copy per layer group
 
 Activations (KVPR) are `hidden_size` wide: heads = 1, head_dim = hidden_size.
+
+Quantized blocks (`StorageSpec.quantized`, the CPU tier's `--kv-offloading-dtype int8 / int4`) are
+KIVI's format, kvtier/ops/kv_quant.py: codes of `dtype`'s bits (int4: two a byte) and an fp16 scale
+and zero per group, K's groups running along a block's tokens (per channel), V's along head_dim (per
+token). Their tensors are kv_quant's QuantizedBlocks, each block-major; `bytes_per_block` counts
+them all (the engine checks it against kv_quant's own count when it allocates them).
 """
 
 from __future__ import annotations
@@ -63,16 +69,20 @@ DEFAULT_LAYOUT = {Tier.GPU: Layout.LAYER_MAJOR, Tier.PEER_GPU: Layout.LAYER_MAJO
 # only counts blocks never imports torch).
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
             "uint8": 1}
+# Bits per element of every storage dtype: int4 codes are packed two a byte, so no whole itemsize.
+BITS = {**{name: 8 * size for name, size in ITEMSIZE.items()}, "int4": 4}
 
 
 @dataclasses.dataclass(frozen=True)
 class ScaleSpec:
     """Quantization scales (and zero points) stored beside each block: one `dtype` value per
     `group_size` elements along head_dim, `values_per_group` values each (1: scale; 2: scale and
-    zero point)."""
+    zero point). With `k_group_size` (kind KV only), K's groups run along the tokens instead:
+    k_group_size tokens of one channel (KIVI's per-channel K), V's still along head_dim."""
     group_size: int
     dtype: str = "float16"
     values_per_group: int = 1
+    k_group_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +98,14 @@ class StorageSpec:
     scale: ScaleSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in ITEMSIZE:
-            raise ValueError(f"unsupported storage dtype {self.dtype!r}; choose one of {sorted(ITEMSIZE)}")
+        if self.dtype not in BITS:
+            raise ValueError(f"unsupported storage dtype {self.dtype!r}; choose one of {sorted(BITS)}")
         if self.scale is not None and self.head_dim % self.scale.group_size:
             raise ValueError(f"scale group size {self.scale.group_size} does not divide head_dim {self.head_dim}")
+        k_group = None if self.scale is None else self.scale.k_group_size
+        if k_group is not None and (self.kind is not Kind.KV or self.block_size % k_group):
+            raise ValueError(f"K's scale groups of {k_group} tokens need kind KV and must divide block_size "
+                             f"{self.block_size}")
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, tier: Tier, block_size: int, dtype: str | torch.dtype,
@@ -103,6 +117,15 @@ class StorageSpec:
     def on(self, tier: Tier, layout: Layout | None = None) -> StorageSpec:
         """The same blocks kept on another tier (in that tier's default layout unless given)."""
         return dataclasses.replace(self, tier=tier, layout=layout or DEFAULT_LAYOUT[tier])
+
+    def quantized(self, dtype: str, group_size: int) -> StorageSpec:
+        """The same blocks in KIVI's int8 / int4 format (kvtier/ops/kv_quant.py): V per token in
+        groups of `group_size` channels, K per channel in groups of a whole block's tokens (a group
+        may not cross blocks, which move one at a time), an fp16 scale and zero per group."""
+        if dtype not in ("int8", "int4"):
+            raise ValueError(f"quantized blocks are int8 or int4, not {dtype!r}")
+        scale = ScaleSpec(group_size, "float16", values_per_group=2, k_group_size=self.block_size)
+        return dataclasses.replace(self, dtype=dtype, scale=scale)
 
     @property
     def num_parts(self) -> int:
@@ -116,10 +139,14 @@ class StorageSpec:
     @property
     def bytes_per_block(self) -> int:
         """All layers and parts of one block, scales included: the one formula for block bytes."""
-        data = self.num_layers * self.num_parts * self.row_elements * ITEMSIZE[self.dtype]
+        data = self.num_layers * self.num_parts * self.row_elements * BITS[self.dtype] // 8
         if self.scale is None:
             return data
-        groups = self.num_layers * self.num_parts * self.row_elements // self.scale.group_size
+        # a group holds group_size elements whichever way it runs: a row has row_elements / group_size
+        sizes = [self.scale.group_size] * self.num_parts
+        if self.scale.k_group_size is not None:
+            sizes[0] = self.scale.k_group_size  # K, part 0 of kind KV
+        groups = self.num_layers * sum(self.row_elements // size for size in sizes)
         return data + groups * self.scale.values_per_group * ITEMSIZE[self.scale.dtype]
 
     @property

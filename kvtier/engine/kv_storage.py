@@ -5,6 +5,10 @@ layer-major tensor in device memory, the CPU tier (when on) one block-major tens
 memory (HostKVPool). Everything else reads them through this object: the model through
 `layer_views`, the transfer engine through `block_rows` and the staging buffers it asks for, the
 engine through `num_blocks`. Block ids index the first dimension of a tier's `block_rows`.
+
+A quantized CPU tier (--kv-offloading-dtype int8 / int4) has no rows in a float dtype: its blocks
+are kv_quant's QuantizedBlocks (`quantized_blocks`, `quant_spec`), block ids indexing the first
+dimension of each of their tensors, and its staging buffers are QuantizedBlocks on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 
 from kvtier.cache import storage
 from kvtier.cache.storage import Kind, StorageSpec, Tier
-from kvtier.engine.host_kv_pool import HostKVPool
+from kvtier.engine.host_kv_pool import HostKVPool, quant_spec
+from kvtier.ops.kv_quant import QuantizedBlocks, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +38,14 @@ class KVStorage:
 
     @classmethod
     def allocate(cls, gpu_spec: StorageSpec, num_gpu_blocks: int, device: torch.device,
-                 num_cpu_blocks: int = 0, pin: bool | None = None, activation_width: int = 0) -> KVStorage:
-        """The GPU tier's tensor and, given CPU blocks, the pinned CPU tier (in the same blocks'
-        CPU layout); a CPU tier that could pin nothing is left off, with a warning. With an
-        activation width (KVPR), every tier also keeps each block's layer inputs that wide."""
+                 num_cpu_blocks: int = 0, pin: bool | None = None, activation_width: int = 0,
+                 cpu_spec: StorageSpec | None = None) -> KVStorage:
+        """The GPU tier's tensor and, given CPU blocks, the pinned CPU tier (blocks of `cpu_spec`,
+        by default the same blocks' CPU layout); a CPU tier that could pin nothing is left off, with
+        a warning. With an activation width (KVPR), every tier also keeps each block's layer inputs
+        that wide."""
         gpu = storage.allocate(gpu_spec, num_gpu_blocks, device)
-        host = (HostKVPool(num_cpu_blocks, gpu_spec.on(Tier.CPU), pin, activation_width)
+        host = (HostKVPool(num_cpu_blocks, cpu_spec or gpu_spec.on(Tier.CPU), pin, activation_width)
                 if num_cpu_blocks > 0 else None)
         if host is not None and host.num_blocks == 0:
             logger.warning("kvtier: no pinned memory for the CPU KV tier; running without it")
@@ -62,6 +69,8 @@ class KVStorage:
         return self.host is not None
 
     def num_blocks(self, tier: Tier) -> int:
+        if tier is Tier.CPU and self.host is not None:  # a quantized tier has no block_rows
+            return self.host.num_blocks
         return self.block_rows(tier).shape[0]
 
     def layer_views(self) -> list[tuple[torch.Tensor, ...]]:
@@ -73,17 +82,38 @@ class KVStorage:
         if tier is Tier.CPU:
             if self.host is None:
                 raise ValueError("this engine has no CPU tier (--kv-offloading-size is 0)")
+            if self.host.quantized is not None:
+                raise ValueError("the CPU tier is quantized (--kv-offloading-dtype): its blocks are "
+                                 "QuantizedBlocks (quantized_blocks), not rows")
             return storage.block_rows(self.specs[Tier.CPU], self.host.kv)
         return storage.block_rows(self.specs[Tier.GPU], self.gpu)
+
+    def quant_spec(self, tier: Tier) -> QuantSpec | None:
+        """The int8 / int4 format of `tier`'s blocks; None when they are in a float dtype."""
+        return quant_spec(self.specs[tier])
+
+    def quantized_blocks(self, tier: Tier) -> QuantizedBlocks:
+        """A quantized tier's blocks: each tensor (blocks, layers, ...), indexed by block id."""
+        if tier is not Tier.CPU or self.host is None or self.host.quantized is None:
+            raise ValueError(f"the {tier.value} tier holds no quantized blocks (--kv-offloading-dtype)")
+        return self.host.quantized
 
     def staging(self, tier: Tier, num_blocks: int) -> torch.Tensor:
         """A device buffer of `num_blocks` blocks of `tier` in its block-major rows and its own
         dtype (what crosses the link is the far tier's bytes): (n, layers, parts, row elements)."""
         spec = self.specs[tier]
         if spec.kind is not Kind.KV or spec.scale is not None:
-            raise NotImplementedError(f"staging for {spec.kind.value} blocks with scales comes with quantized tiers")
+            raise NotImplementedError(f"{spec.kind.value} blocks with scales stage as QuantizedBlocks "
+                                      "(quantized_staging)")
         rows = (num_blocks, spec.num_layers, spec.num_parts, spec.row_elements)
         return torch.empty(rows, dtype=spec.torch_dtype(), device=self.device)
+
+    def quantized_staging(self, tier: Tier, num_blocks: int) -> QuantizedBlocks:
+        """A device buffer of `num_blocks` quantized blocks of `tier`, in its format."""
+        quant = self.quant_spec(tier)
+        if quant is None:
+            raise ValueError(f"the {tier.value} tier is not quantized: use staging()")
+        return QuantizedBlocks.empty(quant, num_blocks, self.device)
 
     def activation_rows(self, hidden_size: int) -> list[torch.Tensor]:
         """KVPR: each layer's inputs for every KV slot of the GPU tier, per layer (slots + 1,

@@ -8,6 +8,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from kvtier.config import (
     GiB,
     default_cpu_threads,
 )
-from kvtier.engine.host_kv_pool import HostKVPool
+from kvtier.engine.host_kv_pool import HostKVPool, quant_spec
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.model_runner import PER_TOKEN_MAX_QUERY
 from kvtier.engine.output_processor import OutputProcessor
@@ -36,6 +37,7 @@ from kvtier.offload.hardware import host_link_bandwidth, matmul_flops, skinny_ma
 from kvtier.offload.kvpr import KVPRRates
 from kvtier.offload.policies import ALWAYS_SWAP, DEMOTION_POLICIES, CostModelSwap
 from kvtier.ops.kernel_variants import num_compiled_variants
+from kvtier.ops.kv_quant import DEFAULT_GROUP_SIZE
 from kvtier.outputs import RequestOutput
 from kvtier.request import Request, RequestStatus
 from kvtier.sampling_params import SamplingParamError, SamplingParams
@@ -101,17 +103,19 @@ class LLMEngine:
         model = load_model(source, self.model_config, self.device, self.dtype, config.seed)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = self._eos_ids(source.path)
-        # what one GPU block holds; the CPU tier's spec is the same blocks in its own layout
+        # what one GPU block holds; the CPU tier's spec is the same blocks in its own layout (and format)
         self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size, self.dtype)
+        self.cpu_kv_spec = self._cpu_kv_spec()
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
         kv = KVStorage.allocate(self.kv_spec, num_blocks, self.device, self._num_cpu_blocks(),
-                                activation_width=self._activation_width)
+                                activation_width=self._activation_width, cpu_spec=self.cpu_kv_spec)
         self.worker = Worker(model, self.model_config, kv, self.device, config.seed, config.attention_backend)
         self.runner = self.worker.runner
         if kv.host is not None:
-            logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s)", kv.host.num_blocks,
-                        kv.host.num_blocks * kv.host.block_bytes / GiB, ", pinned" if kv.host.pinned else "")
+            logger.info("kvtier: CPU KV tier of %d blocks (%.2f GiB%s%s)", kv.host.num_blocks,
+                        kv.host.num_blocks * kv.host.block_bytes / GiB, ", pinned" if kv.host.pinned else "",
+                        self._cpu_format_note())
         num_far_slots = self._enable_far(num_blocks)  # before the graphs: they read the ring
         if config.kvpr != "off":  # after the ring (its inputs' ring matches it), before the graphs
             self._enable_kvpr()
@@ -225,11 +229,36 @@ class LLMEngine:
                     rates.recompute_flops_per_s / 1e12, cfg.hidden_size, 2 * kv_width,
                     "can pay" if pays else "never pays (the planner will choose l = 0)")
 
+    def _cpu_kv_spec(self) -> StorageSpec:
+        """The CPU tier's blocks: the GPU's in the CPU layout, quantized with --kv-offloading-dtype."""
+        spec, cfg = self.kv_spec.on(Tier.CPU), self.config
+        if cfg.kv_offloading_dtype == "auto":
+            return spec
+        # unset: KIVI's 32 channels, or the widest power of two that divides a narrower head_dim
+        group = cfg.kv_offloading_group_size or math.gcd(DEFAULT_GROUP_SIZE, spec.head_dim)
+        try:
+            quantized = spec.quantized(cfg.kv_offloading_dtype, group)
+            quant_spec(quantized)  # kv_quant's own checks of the format, here as a ConfigError
+        except ValueError as e:
+            raise ConfigError(f"--kv-offloading-dtype {cfg.kv_offloading_dtype} with --kv-offloading-group-size "
+                              f"{group} does not fit this model's KV (head_dim {spec.head_dim}): {e}") from e
+        return quantized
+
+    def _cpu_format_note(self) -> str:
+        """The log's word on a quantized CPU tier: its format and what it gains over the GPU's dtype."""
+        spec = self.cpu_kv_spec
+        if spec.scale is None:
+            return ""
+        return (f", {spec.dtype} in groups of {spec.scale.group_size}: {spec.bytes_per_block} bytes a block, "
+                f"{self.kv_spec.bytes_per_block / spec.bytes_per_block:.2f}x fewer than {self.kv_spec.dtype}")
+
     def _num_cpu_blocks(self) -> int:
         """The CPU tier's blocks (--kv-offloading-size GiB of its own spec's blocks); 0 when off."""
         if self.config.kv_offloading_size <= 0:
             return 0
-        block_bytes = self._block_bytes  # the CPU layout's blocks are as large as the GPU's
+        # its own blocks' bytes (quantized ones: fewer) and, with KVPR, the kept layer inputs
+        block_bytes = self.cpu_kv_spec.bytes_per_block + KVStorage.activation_bytes_per_block(
+            self.kv_spec, self._activation_width)
         num_cpu_blocks = int(self.config.kv_offloading_size * GiB // block_bytes)
         if num_cpu_blocks < 1:
             raise ConfigError(f"--kv-offloading-size {self.config.kv_offloading_size} GiB holds no KV block "
@@ -245,7 +274,7 @@ class LLMEngine:
         # small and quick: the decision needs the order of magnitude, not the last percent
         size = 2048 if self.device.type == "cuda" else 256
         rates = HardwareRates(host_link_bandwidth(self.device), matmul_flops(self.device, self.dtype, size, iters=5))
-        kv_per_token = self.kv_spec.bytes_per_token
+        kv_per_token = self.cpu_kv_spec.bytes_per_token  # what crosses the link (quantized tiers: fewer)
         flops_per_token = 2.0 * sum(p.numel() for p in model.parameters())
         cost = SwapCostModel(rates, kv_per_token, flops_per_token)
         logger.info("kvtier: swap preemption %s (per 1k tokens: swap %.2f ms, recompute %.2f ms; link %.1f GB/s, "

@@ -50,12 +50,25 @@ a CUDA graph waits segment by segment (kvtier/engine/cuda_graphs.py). Write-thro
 (the AFTER moves) read blocks that stay referenced until they complete, so nothing waits for them:
 they run beside later steps. On the CPU the same staged path runs as plain copies, in order, and
 completes at once.
+
+A quantized CPU tier (--kv-offloading-dtype int8 / int4, kvtier/ops/kv_quant.py) keeps both legs;
+the kernel leg converts, so the link carries the quantized bytes (what `bytes` counts):
+
+    store:  cache rows --quantize kernel--> staging QuantizedBlocks (GPU) --DMA per run and tensor--> pinned pool
+    load:   pinned pool --DMA per run and tensor--> staging QuantizedBlocks --dequantize kernel--> cache rows
+
+Each of the format's five tensors is block-major with the layer next, and no scale group spans two
+layers, so a range of layers quantizes, crosses and dequantizes alone (layer-group loads, PER_LAYER
+moves) to the codes a whole block gets. On the CPU the kernels' torch references run (backend
+"torch", never the Triton interpreter). Pie's ring and KVPR read the tier's raw rows: the config
+refuses them with a quantized tier.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -67,6 +80,7 @@ from kvtier.engine.host_kv_pool import PIN_CHUNK_BYTES
 from kvtier.engine.kv_storage import KVStorage
 from kvtier.engine.layer_pipeline import LayerPipeline
 from kvtier.ops import dma
+from kvtier.ops.kv_quant import QuantizedBlocks, QuantSpec, dequantize_blocks, quantize_blocks
 from kvtier.ops.kv_transfer import copy_blocks
 
 STAGING_BYTES = 256 << 20  # per direction; a step moving more goes through it in rounds
@@ -138,8 +152,9 @@ class TransferEngine:
     def __init__(self, kv: KVStorage):
         self.kv = kv
         self.gpu_blocks = kv.block_rows(Tier.GPU)  # (Ng, L, 2, row) views of the owner's tensors
-        self.cpu_blocks = kv.block_rows(Tier.CPU)  # (Nc, L, 2, row), pinned
-        self.num_layers, self.num_cpu_blocks = self.gpu_blocks.shape[1], self.cpu_blocks.shape[0]
+        self.quant: QuantSpec | None = kv.quant_spec(Tier.CPU)  # None: the CPU tier holds the GPU's dtype
+        self.cpu_blocks = kv.block_rows(Tier.CPU) if self.quant is None else None  # (Nc, L, 2, row), pinned
+        self.num_layers, self.num_cpu_blocks = self.gpu_blocks.shape[1], kv.num_blocks(Tier.CPU)
         self.device = kv.device
         self.block_bytes = kv.specs[Tier.CPU].bytes_per_block  # the bytes that cross the link
         self.chunk = kv.cpu_blocks_per_chunk or self.num_cpu_blocks  # a DMA run never crosses a pinned chunk
@@ -148,8 +163,7 @@ class TransferEngine:
         self.group_layers = [slice(first, first + per_group) for first in range(0, self.num_layers, per_group)]
         self.can_split = len(self.group_layers) > 1 and dma.rows_available(self.device)
         self.prefetch_depth = PREFETCH_DEPTH
-        num_staging = min(staging_blocks(self.block_bytes), self.num_cpu_blocks)
-        self.staging = {d: kv.staging(Tier.CPU, num_staging) for d in ("to_cpu", "to_gpu")}
+        self._init_staging(min(staging_blocks(self.block_bytes), self.num_cpu_blocks))
         if self.on_gpu:
             self.streams = {d: torch.cuda.Stream(self.device) for d in ("to_cpu", "to_gpu")}
             self.kernel_args = {"num_programs": 4 * torch.cuda.get_device_properties(self.device).multi_processor_count}
@@ -172,15 +186,34 @@ class TransferEngine:
         self.register(Tier.GPU, Tier.CPU, self._store)
         self.register(Tier.CPU, Tier.GPU, self._load)
 
+    def _init_staging(self, num_blocks: int) -> None:
+        """Device buffers of `num_blocks` CPU-tier blocks. A quantized tier keeps one for loads
+        only: quantize_blocks makes its own output, the stores' staging (on a GPU the caching
+        allocator hands the same memory back each round, ordered on the store stream)."""
+        self.num_staging = num_blocks
+        self.staging: dict[str, torch.Tensor] = {}  # (n, L, 2, row) a direction
+        self.quant_staging: QuantizedBlocks | None = None
+        if self.quant is None:
+            self.staging = {d: self.kv.staging(Tier.CPU, num_blocks) for d in ("to_cpu", "to_gpu")}
+            return
+        self.quant_staging = self.kv.quantized_staging(Tier.CPU, num_blocks)
+        self.cpu_quantized = self.kv.quantized_blocks(Tier.CPU)  # pinned, each tensor (Nc, L, ...)
+        self.gpu_kv = self.kv.gpu.permute(2, 0, 1, 3, 4, 5)  # (Ng, L, 2, bs, H, D): the cache as blocks
+        self.quant_backend = None if self.on_gpu else "torch"  # Triton on a GPU; never the interpreter
+
     def attach_ring(self, ring: torch.Tensor) -> None:
         """Pie: far blocks are loaded layer by layer into this ring (KVStorage.staging_ring);
         layer i's into entry i % entries, so a ring of d + 1 entries prefetches d layers ahead."""
+        if self.quant is not None:
+            raise NotImplementedError("the staging ring loads raw K/V: not from a quantized CPU tier")
         self.ring = ring
         self.prefetch_depth = ring.shape[0] - 1
 
     def enable_activations(self, recompute_kv: RecomputeKV) -> None:
         """KVPR: stores carry the kept layer inputs too, and Recompute operations run through
         `recompute_kv` (the model's K/V projection of a layer)."""
+        if self.quant is not None:
+            raise NotImplementedError("KVPR keeps no layer inputs beside a quantized CPU tier")
         self.acts = {tier: self.kv.activation_blocks(tier) for tier in (Tier.GPU, Tier.CPU)}
         self.recompute_kv = recompute_kv
         if self.ring is not None:
@@ -190,11 +223,24 @@ class TransferEngine:
         """Compile the copy kernel's variants now, not at the first transfer mid-serving: GPU
         block 0 to staging and back (whole blocks and one layer group), which leaves the cache
         as it was."""
+        if self.quant is not None:
+            self._precompile_quantized()
+            return
         zero = torch.zeros(1, dtype=torch.int64, device=self.device)
         for layers in (slice(None), self.group_layers[0]):  # one variant each (the same with one group)
             copy_blocks(self.gpu_blocks[:, layers], self.staging["to_cpu"][:, layers], zero, zero, **self.kernel_args)
             self.staging["to_gpu"][:1].copy_(self.staging["to_cpu"][:1])
             copy_blocks(self.staging["to_gpu"][:, layers], self.gpu_blocks[:, layers], zero, zero, **self.kernel_args)
+        torch.cuda.synchronize(self.device)
+
+    def _precompile_quantized(self) -> None:
+        """As _precompile, for a quantized tier's kernels: GPU block 0 quantized and dequantized
+        back (whole blocks and one layer group), then restored, the round trip being lossy."""
+        zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+        saved = self.gpu_kv[0].clone()
+        for layers in (slice(None), self.group_layers[0]):
+            dequantize_blocks(self._quantize(layers, zero), self.gpu_kv[:, layers], block_ids=zero)
+        self.gpu_kv[0].copy_(saved)
         torch.cuda.synchronize(self.device)
 
     # -- issuing --------------------------------------------------------------------------------
@@ -382,7 +428,7 @@ class TransferEngine:
         CPU blocks one 2-D DMA of that layer's rows (or one copy-kernel launch for all). On the load
         stream after what it was told to wait for (wait_for_compute); returns the event that marks
         its end (None on the CPU, where it has run)."""
-        assert self.ring is not None
+        assert self.ring is not None and self.cpu_blocks is not None
         entry, cpu = self.ring[layer % self.ring.shape[0]], self.cpu_blocks[:, layer]  # (slots, 2, row), (Nc, 2, row)
         self.bytes["to_gpu"] += plan.num_blocks * self.block_bytes // self.num_layers
         if not self.on_gpu:
@@ -459,32 +505,60 @@ class TransferEngine:
         """Per layer range, its copies as callables: rounds of up to one staging buffer, each a
         kernel leg on the device and a DMA leg per run of consecutive CPU blocks (sorted by CPU
         block, so slot i of a round holds its i-th)."""
-        staging = self.staging[direction]
         pairs = sorted(pairs, key=lambda p: p[1])
         rounds = []
-        for lo in range(0, len(pairs), staging.shape[0]):
-            chunk = pairs[lo:lo + staging.shape[0]]
+        for lo in range(0, len(pairs), self.num_staging):
+            chunk = pairs[lo:lo + self.num_staging]
             ids = torch.tensor([[g for g, _ in chunk], list(range(len(chunk)))], dtype=torch.int64)
             if self.on_gpu:
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
             rounds.append((ids, _runs([c for _, c in chunk], self.chunk)))
         moved_layers = sum(len(range(self.num_layers)[layers]) for layers in ranges)
         self.bytes[direction] += len(pairs) * self.block_bytes * moved_layers // self.num_layers
+        copy = self._copy_rows if self.quant is None else self._copy_quantized
+        for layers in ranges:
+            yield [functools.partial(copy, direction, layers, ids, runs) for ids, runs in rounds]
 
-        def copy(layers: slice, ids: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
-            gpu, cpu, stage = self.gpu_blocks[:, layers], self.cpu_blocks[:, layers], staging[:, layers]
+    def _copy_rows(self, direction: str, layers: slice, ids: torch.Tensor, runs: list[tuple[int, int, int]]) -> None:
+        """One round in the GPU cache's dtype. ids (2, n): GPU blocks, staging slots."""
+        assert self.cpu_blocks is not None
+        gpu, cpu, stage = self.gpu_blocks[:, layers], self.cpu_blocks[:, layers], self.staging[direction][:, layers]
+        if direction == "to_cpu":
+            copy_blocks(gpu, stage, ids[0], ids[1], **self.kernel_args)
+        for slot, cpu_id, n in runs:
             if direction == "to_cpu":
-                copy_blocks(gpu, stage, ids[0], ids[1], **self.kernel_args)
+                dma.copy_rows(cpu[cpu_id:cpu_id + n], stage[slot:slot + n])
+            else:
+                dma.copy_rows(stage[slot:slot + n], cpu[cpu_id:cpu_id + n])
+        if direction == "to_gpu":
+            copy_blocks(stage, gpu, ids[1], ids[0], **self.kernel_args)
+
+    def _copy_quantized(self, direction: str, layers: slice, ids: torch.Tensor,
+                        runs: list[tuple[int, int, int]]) -> None:
+        """One round of a quantized tier. ids (2, n): GPU blocks, staging slots (slot i = the
+        round's i-th block). A store quantizes the GPU blocks into staging, then each of its
+        tensors crosses per run; a load crosses into staging, then dequantizes into the GPU blocks."""
+        assert self.quant is not None and self.quant_staging is not None
+        if direction == "to_cpu":
+            stage = self._quantize(layers, ids[0])
+        else:
+            layer_spec = dataclasses.replace(self.quant, num_layers=len(range(self.num_layers)[layers]))
+            stage = _leading_view(self.quant_staging, layer_spec, ids.shape[1])
+        cpu_tensors = [t[:, layers] for t in self.cpu_quantized.tensors()]  # each (Nc, L', ...)
+        for cpu, staged in zip(cpu_tensors, stage.tensors()):  # staged (n, L', ...)
             for slot, cpu_id, n in runs:
                 if direction == "to_cpu":
-                    dma.copy_rows(cpu[cpu_id:cpu_id + n], stage[slot:slot + n])
+                    dma.copy_rows(cpu[cpu_id:cpu_id + n], staged[slot:slot + n])
                 else:
-                    dma.copy_rows(stage[slot:slot + n], cpu[cpu_id:cpu_id + n])
-            if direction == "to_gpu":
-                copy_blocks(stage, gpu, ids[1], ids[0], **self.kernel_args)
+                    dma.copy_rows(staged[slot:slot + n], cpu[cpu_id:cpu_id + n])
+        if direction == "to_gpu":
+            dequantize_blocks(stage, self.gpu_kv[:, layers], block_ids=ids[0], backend=self.quant_backend)
 
-        for layers in ranges:
-            yield [functools.partial(copy, layers, ids, runs) for ids, runs in rounds]
+    def _quantize(self, layers: slice, gpu_ids: torch.Tensor) -> QuantizedBlocks:
+        """GPU blocks gpu_ids (n,), their `layers`, quantized where the cache is: (n, L', ...) blocks."""
+        assert self.quant is not None
+        return quantize_blocks(self.gpu_kv[:, layers], self.quant.bits, self.quant.group_size,
+                               k_group_size=self.quant.k_group_size, block_ids=gpu_ids, backend=self.quant_backend)
 
     # -- completion -----------------------------------------------------------------------------
 
@@ -517,6 +591,14 @@ def transfer_stats(num_bytes: dict[str, int], seconds: dict[str, float]) -> dict
     """The stats() keys of the transfers (also those of an engine without a CPU tier: zeros)."""
     return {"bytes_to_cpu_total": num_bytes["to_cpu"], "bytes_to_gpu_total": num_bytes["to_gpu"],
             "transfer_seconds_to_cpu_total": seconds["to_cpu"], "transfer_seconds_to_gpu_total": seconds["to_gpu"]}
+
+
+def _leading_view(blocks: QuantizedBlocks, spec: QuantSpec, num_blocks: int) -> QuantizedBlocks:
+    """`num_blocks` blocks of `spec` (e.g. fewer layers) over the first elements of `blocks`'
+    tensors: contiguous, as dequantize_blocks needs, where a slice of layers would not be."""
+    shapes = spec.shapes(num_blocks).values()  # in QuantizedBlocks' field order
+    return QuantizedBlocks(spec, *(t.view(-1)[:math.prod(shape)].view(shape)
+                                   for t, shape in zip(blocks.tensors(), shapes)))
 
 
 def _layer_slice(layers: tuple[int, int] | None) -> slice:

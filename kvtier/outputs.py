@@ -65,3 +65,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # why the request failed inside an engine step (finish_reason "error")
+    # SamplingParams.prompt_logprobs: None for the first prompt token (nothing predicts it), then per
+    # prompt token {token_id: Logprob} with the token itself and the top k; None when not asked
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -15,6 +15,9 @@ MAX_TEMPERATURE = 100.0
 # every seen token +inf and the output empty). [0.01, 100] keeps |logit| * 100 far inside fp32 and is
 # wider than any useful setting (1.0 is off; values around 1.1-1.5 are usual).
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# prompt_logprobs keeps k + 1 entries per prompt token, so its cost grows with the prompt: capped
+# at vLLM's default max_logprobs (and OpenAI's top_logprobs cap).
+MAX_PROMPT_LOGPROBS = 20
 
 
 class SamplingParamError(ValueError):
@@ -42,12 +45,22 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs per generated token
     skip_special_tokens: bool = True
+    # vLLM's meaning: for every prompt token after the first, its logprob and the top k alternatives
+    # (RequestOutput.prompt_logprobs). Such a request recomputes its whole prompt: tokens whose KV came
+    # from the prefix cache have no logits (LLM.generate gives it a cache salt of its own).
+    prompt_logprobs: int | None = None
+    # kvtier's extension, teacher forcing: the first len(ids) output tokens are these ids instead of
+    # drawn ones; with `logprobs` each one's logprob is the model's for it (kvtier eval ppl scores text
+    # through decode steps so). Later tokens are drawn as usual.
+    forced_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.forced_token_ids is not None:
+            self.forced_token_ids = list(self.forced_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -56,6 +69,8 @@ class SamplingParams:
         low_rp, high_rp = REPETITION_PENALTY_RANGE
         # `or ()` only narrows the declared types: __post_init__ has made both lists already
         bad_stop_ids = [t for t in self.stop_token_ids or () if not (isinstance(t, int) and t >= 0)]
+        bad_forced_ids = [t for t in self.forced_token_ids or () if not _is_token_id(t)]
+        k = self.prompt_logprobs
         checks = [  # written so that NaN fails every one of them
             (1 <= self.n <= MAX_N, "n", self.n, f"must be in [1, {MAX_N}]"),
             (0 <= self.temperature <= MAX_TEMPERATURE, "temperature", self.temperature,
@@ -76,6 +91,9 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop or ()), "stop", self.stop,
              "must be non-empty strings"),
             (not bad_stop_ids, "stop_token_ids", bad_stop_ids[:5], "must be token ids (integers >= 0)"),
+            (k is None or (_is_int(k) and 0 <= k <= MAX_PROMPT_LOGPROBS), "prompt_logprobs", k,
+             f"must be an integer in [0, {MAX_PROMPT_LOGPROBS}], or None for no prompt logprobs"),
+            (not bad_forced_ids, "forced_token_ids", bad_forced_ids[:5], "must be token ids (integers >= 0)"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -89,6 +107,17 @@ class SamplingParams:
         """Params of the index-th of n samples: n=1, and a distinct seed when seeded.
 
         The seed wraps around within int64, so the children of every accepted seed are accepted too; torch
-        reads seeds modulo 2**64, so the n children still draw from distinct generators."""
+        reads seeds modulo 2**64, so the n children still draw from distinct generators. Only the first
+        child computes prompt logprobs: the prompt, and so its logprobs, is the same for all n."""
         seed = None if self.seed is None else (self.seed + index - INT64_MIN) % 2**64 + INT64_MIN
-        return dataclasses.replace(self, n=1, seed=seed)
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
+
+
+def _is_int(value: object) -> bool:
+    """An int proper: True and 1.0 are refused as counts and ids."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

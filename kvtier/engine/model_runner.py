@@ -6,6 +6,7 @@ tensors through the per-layer views the storage owner (kvtier/engine/kv_storage.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from kvtier.cache.storage import Tier
 from kvtier.engine.cuda_graphs import DecodeGraphs
 from kvtier.engine.kv_storage import KVStorage
-from kvtier.engine.sampler import DeviceSample, Sampler
+from kvtier.engine.sampler import DeviceSample, PromptChunk, PromptLogprobs, Sampler
 from kvtier.models.attention_backends import make_attention_backend
 from kvtier.models.config import ModelConfig
 from kvtier.ops.attention import NO_HOOKS, AttentionMetadata, FarPrefix, LayerHooks
@@ -46,6 +47,8 @@ class ModelInputs:
     ring_first_positions: tuple[int, ...] = ()  # each far block's first token position
     # KVPR: GPU blocks whose first slot this step writes (all their tokens are computed here)
     first_slot_blocks: np.ndarray | None = None
+    # SamplingParams.prompt_logprobs: the prompt chunks whose tokens the step scores
+    prompt_chunks: list[PromptChunk] = dataclasses.field(default_factory=list)
 
 
 def default_attention_backend(device: torch.device) -> str:
@@ -76,6 +79,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.ring_slots = 0  # Pie's staging ring (attach_ring): far blocks a step may read
         self.sampler = Sampler(device, seed)
+        self.prompt_logprobs = PromptLogprobs(device)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
         # Each running request's block table as a numpy row, kept from the plans' diffs
         # (ScheduledRequest.new_block_ids): grown only when a request gains a block.
@@ -116,6 +120,7 @@ class ModelRunner:
         step, before anything can fail, so the kept tables stay in step with the plans."""
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self._tables.pop(request_id, None)
+        self.prompt_logprobs.forget(plan.finished_request_ids)  # a preempted one resumes its prompt
         self.apply_block_diffs(plan.scheduled)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, segment_starts: list[int]) -> None:
@@ -137,6 +142,10 @@ class ModelRunner:
             return None
         # each row's last input token: a repetition penalty counts it as seen
         sample = self.sampler.sample(logits, inputs.sample_items, (inputs.input_ids, inputs.logits_indices))
+        if inputs.prompt_chunks:  # prompts complete this step travel with their first sampled token
+            done = {c.request_id for c in inputs.prompt_chunks if c.last}
+            sample.prompt = {i: self.prompt_logprobs.deliver(item.request_id)
+                             for i, item in enumerate(inputs.sample_items) if item.request_id in done}
         # the next step's placeholders (async scheduling) read these rows
         self._sampled = ({item.request_id: i for i, item in enumerate(inputs.sample_items)}, sample.token_ids)
         return sample
@@ -152,13 +161,22 @@ class ModelRunner:
         decode = meta if meta.is_decode_only else meta.per_token
         if self.graphs is not None and decode is not None and self.graphs.can_run(decode.num_seqs):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, decode, meta.hooks)
+            if inputs.prompt_chunks:
+                self._score_prompts(inputs, lambda a, b: logits[a:b])
             if len(inputs.sample_items) == decode.num_seqs:  # every row samples (decodes)
                 return logits
             return logits[inputs.logits_indices] if inputs.sample_items else None
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # (T, h)
+        if inputs.prompt_chunks:
+            self._score_prompts(inputs, lambda a, b: self.model.compute_logits(hidden[a:b]))
         if not inputs.sample_items:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _score_prompts(self, inputs: ModelInputs, logits_of: Callable[[int, int], torch.Tensor]) -> None:
+        """Prompt logprobs of the step's prompt chunks; logits_of(a, b): (b - a, V) fp32 of rows [a, b)."""
+        for chunk in inputs.prompt_chunks:
+            self.prompt_logprobs.score(chunk, inputs.input_ids, logits_of)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> ModelInputs:
         """Flatten the step's tokens; numpy on the host, then one copy to the device. The block
@@ -204,7 +222,7 @@ class ModelRunner:
                 meta.per_token.far = FarPrefix(view[2], view[3], far[0][seq_of_token].tolist(),
                                                far[1][seq_of_token].tolist())
         return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample], ring_pairs,
-                           ring_positions, slots[slots % bs == 0] // bs)
+                           ring_positions, slots[slots % bs == 0] // bs, _prompt_chunks(scheduled, starts))
 
     def _far_arrays(self, scheduled: list[ScheduledRequest]
                     ) -> tuple[list[np.ndarray], tuple[tuple[int, int], ...], tuple[int, ...]]:
@@ -267,3 +285,11 @@ class ModelRunner:
             out.append(flat[offset:offset + a.size].view(a.shape))
             offset += a.size
         return out
+
+
+def _prompt_chunks(scheduled: list[ScheduledRequest], starts: np.ndarray) -> list[PromptChunk]:
+    """The chunks of prompts whose logprobs are asked for. Only before the first output token: a
+    request preempted after it recomputes its prompt, whose logprobs went out with that token."""
+    return [PromptChunk(s.request_id, s.params.prompt_logprobs, s.num_prompt_tokens, s.start_pos, int(starts[i]),
+                        len(s.token_ids))
+            for i, s in enumerate(scheduled) if s.params.prompt_logprobs is not None and s.num_output_tokens == 0]

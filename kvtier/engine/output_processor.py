@@ -17,6 +17,7 @@ import dataclasses
 import logging
 
 from kvtier.engine.detokenizer import IncrementalDetokenizer
+from kvtier.engine.sampler import HostLogprobs, PromptLogprobsToken
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.request import Request
 from kvtier.scheduler.output import SampledToken
@@ -40,6 +41,8 @@ class _RequestGroup:
     prompt_token_ids: list[int]
     seqs: list[_Sequence]
     error: str | None = None  # set when an engine step failed because of this request
+    # SamplingParams.prompt_logprobs, once the first sample's first token brought them
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -103,6 +106,7 @@ class OutputProcessor:
         for req in updated:
             request_id, seq = self._group_of[req.request_id]
             try:
+                self._take_prompt_logprobs(self.groups[request_id], sampled[req.request_id])
                 stop = self._apply_one(seq, sampled[req.request_id])
             except Exception as e:  # noqa: BLE001 - its own text or logprobs: it fails alone
                 logger.error("kvtier: request %s failed while its token was applied", req.request_id,
@@ -120,11 +124,18 @@ class OutputProcessor:
         req = seq.request
         stop = seq.detok.add_token(token.token_id, req.num_output_tokens >= req.params.min_tokens)
         if seq.logprobs is not None:
-            entry = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(token.top_logprobs or [])}
-            entry[token.token_id] = Logprob(token.logprob, token.rank)
-            seq.logprobs.append(entry)
+            seq.logprobs.append(_entry(token.token_id, token.logprob, token.rank, token.top_logprobs or []))
             seq.cumulative_logprob += token.logprob
         return stop
+
+    @staticmethod
+    def _take_prompt_logprobs(group: _RequestGroup, token: SampledToken) -> None:
+        """The prompt's logprobs, from the first token that carries them (vLLM's shape: None for the
+        first prompt token, which nothing predicts)."""
+        if not isinstance(token, PromptLogprobsToken) or token.prompt_logprobs is None:
+            return
+        if group.prompt_logprobs is None:
+            group.prompt_logprobs = [None, *_entries(token.prompt_logprobs, group.prompt_token_ids)]
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -152,8 +163,23 @@ class OutputProcessor:
                                          seq.cumulative_logprob if seq.logprobs is not None else None))
         first = group.seqs[0].request
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
-                             group.finished, first.metrics, group.error)
+                             group.finished, first.metrics, group.error, group.prompt_logprobs)
 
     def _forget(self, group: _RequestGroup) -> None:
         for seq in group.seqs:
             self._group_of.pop(seq.request.request_id, None)
+
+
+def _entry(token_id: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> dict[int, Logprob]:
+    """One position's logprobs: the top ones by rank, and the token itself with its own rank."""
+    entry = {tid: Logprob(lp, i + 1) for i, (tid, lp) in enumerate(top)}
+    entry[token_id] = Logprob(logprob, rank)
+    return entry
+
+
+def _entries(raw: HostLogprobs, prompt_token_ids: list[int]) -> list[dict[int, Logprob] | None]:
+    """Per scored prompt token (raw.rows: their positions) its logprob entry."""
+    chosen, rank = raw.chosen.tolist(), raw.rank.tolist()
+    top_ids, top_values = raw.top_ids.tolist(), raw.top_values.tolist()
+    return [_entry(prompt_token_ids[pos], chosen[j], rank[j], list(zip(top_ids[j], top_values[j])))
+            for j, pos in enumerate(raw.rows)]

@@ -21,7 +21,13 @@ same reason: which of tied tokens make the cut is not left to how a device sorte
 `Sampler.sample` does all device work and starts one device-to-host copy of everything the host
 needs (token ids, and logprob data when asked) without waiting for it; `DeviceSample.to_host`
 waits and builds the SampledTokens. An asynchronous scheduler can feed `DeviceSample.token_ids`
-(on the device) to the next step before the copy lands.
+(on the device) to the next step before the copy lands. A forced row (teacher forcing,
+SamplingParams.forced_token_ids) draws like any other and then takes its forced id, so its logprob
+is the model's for that id and the other rows' draws do not change.
+
+Prompt logprobs (`PromptLogprobs`) are kept on the device chunk by chunk while a prompt is
+computed and cross to the host once, with the request's first sampled token (`PromptLogprobsToken`):
+nothing of them is copied, or even computed, for a request that did not ask.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ _GAMMA = 0x9E3779B97F4A7C15 - 2**64
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64
 _MIX2 = 0x94D049BB133111EB - 2**64
 _UNIFORM_BITS = 52  # a float64 holds (k + 0.5) / 2**52 exactly: a uniform in (0, 1), never 0 or 1
+# Prompt logprobs turn at most this many rows into logits at a time: (1024, V) fp32 is 200 MB for a
+# 49K vocabulary, where a whole 8K-token chunk would be 1.6 GB.
+PROMPT_LOGITS_ROWS = 1024
 
 
 @dataclasses.dataclass
@@ -62,6 +71,29 @@ class HostLogprobs:
 
 
 @dataclasses.dataclass
+class PromptLogprobsToken(SampledToken):
+    """A request's first sampled token, carrying the logprobs of its prompt (SamplingParams.prompt_logprobs):
+    `rows` are the positions 1 .. P - 1 of the prompt tokens scored."""
+
+    prompt_logprobs: HostLogprobs | None = None
+
+
+@dataclasses.dataclass
+class PendingPromptLogprobs:
+    """A prompt's logprob data on its way to the host (laid out as HostLogprobs.unpack reads it)."""
+
+    host: torch.Tensor  # int64, filled once `event` completes
+    event: torch.cuda.Event | None
+    num_prompt_tokens: int
+    k: int
+
+    def to_host(self) -> HostLogprobs:
+        if self.event is not None:
+            self.event.synchronize()
+        return HostLogprobs.unpack(self.host.numpy(), list(range(1, self.num_prompt_tokens)), self.k)
+
+
+@dataclasses.dataclass
 class DeviceSample:
     """A step's draw, on the device, with its copy to the host under way."""
 
@@ -72,6 +104,8 @@ class DeviceSample:
     logprob_rows: list[int]
     max_logprobs: int
     finish: Callable[[HostLogprobs | None, list[int], list[ScheduledRequest]], list[SampledToken]]
+    # item row -> its prompt's logprobs (a request whose last prompt chunk ran this step), if asked
+    prompt: dict[int, PendingPromptLogprobs] = dataclasses.field(default_factory=dict)
 
     def to_host(self) -> list[SampledToken]:
         """Wait for the copy; one SampledToken per item."""
@@ -82,7 +116,107 @@ class DeviceSample:
         token_ids = flat[:num_rows].tolist()
         logprobs = (HostLogprobs.unpack(flat[num_rows:], self.logprob_rows, self.max_logprobs)
                     if self.logprob_rows else None)
-        return self.finish(logprobs, token_ids, self.items)
+        tokens = self.finish(logprobs, token_ids, self.items)
+        for row, pending in self.prompt.items():
+            tokens[row] = PromptLogprobsToken(**vars(tokens[row]), prompt_logprobs=pending.to_host())
+        return tokens
+
+
+@dataclasses.dataclass
+class PromptChunk:
+    """One request's prompt tokens in a step, scored for SamplingParams.prompt_logprobs. The logits
+    of the token at position p predict the token at p + 1; the chunk holds positions [s, e):
+
+        position     s-1  |  s     s+1   ...   e-1  |  e
+        its logits  stash |  r0    r1    ...   r_last |
+        score token   s   |  s+1   s+2   ...   e    |
+
+    The row before the chunk (the previous chunk's last, kept: `PromptLogprobs` stashes it) scores
+    the chunk's first token; the chunk's last row scores the next chunk's first token and is kept in
+    turn, unless e is the prompt's end P: then it predicts the first output token (it samples)."""
+
+    request_id: str
+    k: int  # top logprobs per prompt token
+    num_prompt_tokens: int  # P
+    start: int  # s
+    first_row: int  # the chunk's first row among the step's tokens
+    num_tokens: int  # e - s
+
+    @property
+    def last(self) -> bool:
+        """The prompt's last chunk: the prompt's logprobs are complete after it."""
+        return self.start + self.num_tokens == self.num_prompt_tokens
+
+
+class _PromptBuffer:
+    """One prompt's logprob data on the device, laid out as HostLogprobs.unpack reads it: row j is
+    the prompt token at position j + 1. `covered` (host) marks the rows written."""
+
+    def __init__(self, num_prompt_tokens: int, k: int, device: torch.device):
+        r = num_prompt_tokens - 1
+        self.num_prompt_tokens, self.k = num_prompt_tokens, k
+        self.flat = torch.zeros(r * (2 + 2 * k), dtype=torch.int64, device=device)
+        self.rank, self.top_ids = self.flat[:r], self.flat[r:r + r * k].view(r, k)
+        floats = self.flat[r + r * k:].view(torch.float64)  # float64 by their bits, as _logprobs packs
+        self.chosen, self.top_values = floats[:r], floats[r:].view(r, k)
+        self.covered = np.zeros(r, bool)
+
+    def write(self, position: int, parts: tuple[torch.Tensor, ...]) -> None:
+        """logprob_parts of the prompt tokens from `position` on."""
+        rank, top_ids, chosen, top_values = parts
+        rows = slice(position - 1, position - 1 + rank.shape[0])
+        self.rank[rows], self.top_ids[rows] = rank, top_ids
+        self.chosen[rows], self.top_values[rows] = chosen.double(), top_values.double()
+        self.covered[rows] = True
+
+
+class PromptLogprobs:
+    """Prompt logprobs of requests whose prompt is being computed, chunk by chunk, on the device.
+
+    A request's buffer lives until the request finishes, not until its prompt's logprobs are sent:
+    a failed step's chunk is computed again, and a request preempted mid-prompt resumes after its
+    earlier chunks. Only each request's latest stash (one row of logits) is kept."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[str, _PromptBuffer] = {}
+        self._stash: dict[str, tuple[int, torch.Tensor]] = {}  # request -> (position, its logits (V,))
+
+    def score(self, chunk: PromptChunk, input_ids: torch.Tensor,
+              logits_of: Callable[[int, int], torch.Tensor]) -> None:
+        """Score the chunk's prompt tokens; input_ids (T,) are the step's, logits_of(a, b) the fp32
+        logits (b - a, V) of its rows [a, b)."""
+        buf = self._buffers.get(chunk.request_id)
+        if buf is None:
+            buf = self._buffers[chunk.request_id] = _PromptBuffer(chunk.num_prompt_tokens, chunk.k, self.device)
+        s, row, n = chunk.start, chunk.first_row, chunk.num_tokens
+        stash = self._stash.get(chunk.request_id)
+        if s >= 1 and stash is not None and stash[0] == s - 1:
+            buf.write(s, logprob_parts(stash[1][None], input_ids[row:row + 1], buf.k))
+        for lo in range(0, n - 1, PROMPT_LOGITS_ROWS):  # rows r0 .. the one before the last
+            hi = min(lo + PROMPT_LOGITS_ROWS, n - 1)
+            buf.write(s + 1 + lo, logprob_parts(logits_of(row + lo, row + hi), input_ids[row + lo + 1:row + hi + 1],
+                                                buf.k))
+        if not chunk.last:
+            self._stash[chunk.request_id] = (s + n - 1, logits_of(row + n - 1, row + n)[0].clone())
+
+    def deliver(self, request_id: str) -> PendingPromptLogprobs:
+        """Start the copy of a complete prompt's logprobs to the host. Raises when some prompt token
+        was never scored: its KV came from the prefix cache, so it had no logits."""
+        buf = self._buffers[request_id]
+        missing = np.flatnonzero(~buf.covered) + 1
+        if missing.size:
+            raise RuntimeError(
+                f"prompt logprobs of request {request_id}: {missing.size} prompt tokens (from position "
+                f"{missing[0]}) have no logits, their KV came from the prefix cache; a request with "
+                "prompt_logprobs must not read it (LLM.generate gives each such request a cache salt of its own)")
+        host, event = copy_to_host(buf.flat)
+        return PendingPromptLogprobs(host, event, buf.num_prompt_tokens, buf.k)
+
+    def forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._buffers.pop(request_id, None)
+            self._stash.pop(request_id, None)
 
 
 @dataclasses.dataclass
@@ -127,10 +261,12 @@ class Sampler:
             token_ids = processed.argmax(dim=-1)
         else:
             token_ids = self._draw(processed, dev, rows)
+        if "forced_rows" in dev:  # drawn all the same: the other rows' noise does not depend on forcing
+            token_ids = token_ids.index_put((dev["forced_rows"],), dev["forced_ids"])
         pieces = [token_ids]
         if rows.logprob_rows:
             pieces += _logprobs(logits, token_ids, dev.get("logprob_rows"), rows.max_logprobs)
-        host, event = self._copy_to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        host, event = copy_to_host(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
         return DeviceSample(token_ids, items, host, event, rows.logprob_rows, rows.max_logprobs,
                             self._with_logprobs)
 
@@ -160,15 +296,6 @@ class Sampler:
             noise[dev["seeded_rows"]] = seeded_exponentials(dev["seeds"], dev["steps"], shape[1])
         return noise
 
-    def _copy_to_host(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        if packed.device.type != "cuda":
-            return packed.cpu(), None
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
     def _with_logprobs(self, raw: HostLogprobs | None, token_ids: list[int],
                        items: list[ScheduledRequest]) -> list[SampledToken]:
         """The step's SampledTokens from host data: `raw` is None when no row asked for logprobs."""
@@ -180,6 +307,18 @@ class Sampler:
             out[i].logprob, out[i].rank = float(raw.chosen[j]), int(raw.rank[j])
             out[i].top_logprobs = list(zip(raw.top_ids[j, :k].tolist(), raw.top_values[j, :k].tolist()))
         return out
+
+
+def copy_to_host(packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start a copy to the host without waiting: (host tensor, event that completes with it; None on
+    the CPU, where the copy is done). Pinned memory on CUDA, so the copy does not block the host."""
+    if packed.device.type != "cuda":
+        return packed.cpu(), None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def seeded_exponentials(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -253,17 +392,25 @@ def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor | N
     token ids: rank (R), top ids (R*K), then float64 bits: chosen (R), top values (R*K)."""
     if rows is not None:
         raw, token_ids = raw[rows], token_ids[rows]
+    rank, top_ids, chosen, top_values = logprob_parts(raw, token_ids, k)
+    floats = [t.double().view(torch.int64).flatten() for t in (chosen, top_values)]  # by their bits
+    return [rank, top_ids.flatten(), *floats]
+
+
+def logprob_parts(raw: torch.Tensor, token_ids: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """raw logits (R, V), token_ids (R,) -> rank (R,) int64 (1 + the tokens strictly likelier),
+    top ids (R, K), the tokens' logprobs (R,), top logprobs (R, K); K = 0 is an empty topk."""
     logprobs = torch.log_softmax(raw, dim=-1)  # (R, V)
     chosen = logprobs.gather(-1, token_ids[:, None])  # (R, 1)
     rank = (logprobs > chosen).sum(dim=-1) + 1
-    top = logprobs.topk(k, dim=-1)  # (R, K); K = 0 is an empty topk
-    floats = [t.double().view(torch.int64).flatten() for t in (chosen, top.values)]  # by their bits
-    return [rank, top.indices.flatten(), *floats]
+    top = logprobs.topk(k, dim=-1)
+    return rank, top.indices, chosen[:, 0], top.values
 
 
 def _host_rows(items: list[ScheduledRequest], vocab_size: int) -> _HostRows:
     """One pass sorts the rows by what they ask for; then arrays for what some row asked."""
-    sampling, penalized, below_min_tokens, logprob_rows = [], [], [], []
+    sampling, penalized, below_min_tokens, logprob_rows, forced = [], [], [], [], []
     for i, item in enumerate(items):
         p = item.params
         if not p.greedy:
@@ -274,7 +421,10 @@ def _host_rows(items: list[ScheduledRequest], vocab_size: int) -> _HostRows:
             below_min_tokens.append(i)
         if p.logprobs is not None:
             logprob_rows.append(i)
-    arrays = {**_penalty_arrays(items, penalized), **_ban_arrays(items, below_min_tokens)}
+        if p.forced_token_ids is not None and item.num_output_tokens < len(p.forced_token_ids):
+            forced.append(i)
+    arrays = {**_penalty_arrays(items, penalized), **_ban_arrays(items, below_min_tokens),
+              **_forced_arrays(items, forced)}
     if sampling:
         arrays |= _sampling_arrays(items, sampling, vocab_size)
     if 0 < len(logprob_rows) < len(items):
@@ -335,6 +485,14 @@ def _ban_arrays(items: list[ScheduledRequest], rows: list[int]) -> dict[str, np.
         return {}
     return {"ban_rows": np.repeat(np.array(list(banned), np.int64), [len(ids) for ids in banned.values()]),
             "ban_token_ids": np.array([t for ids in banned.values() for t in ids], np.int64)}
+
+
+def _forced_arrays(items: list[ScheduledRequest], rows: list[int]) -> dict[str, np.ndarray]:
+    """Teacher forcing (SamplingParams.forced_token_ids): each forced row and the id its draw becomes."""
+    if not rows:
+        return {}
+    ids = [items[i].params.forced_token_ids[items[i].num_output_tokens] for i in rows]  # type: ignore[index]
+    return {"forced_rows": np.array(rows, np.int64), "forced_ids": np.array(ids, np.int64)}
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

@@ -96,21 +96,20 @@ def test_prefix_cache_hits_are_recomputed(tiny):
     assert run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=2))[0].metrics.num_cached_tokens > 0
 
 
-def test_a_prefix_hit_without_its_logits_fails_the_request_alone(tiny):
-    """Through LLMEngine.add_request (no salt of its own) a cached prompt has no logits: that request
-    ends with an error that says why, the others are unaffected."""
-    path, _ = tiny
-    prompt, other = random_prompts([40, 12], seed=11)
+def test_a_cached_prompt_is_computed_again_for_its_logprobs(tiny):
+    """Through LLMEngine.add_request too: the prefix cache has no logits, so a request with
+    prompt_logprobs finds no hit (the cache manager skips it) and gets every prompt token's."""
+    path, hf = tiny
+    prompt = random_prompts([40], seed=11)[0]
     llm = engine(path)
     run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=2))
     eng = llm.engine
-    eng.add_request({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, prompt_logprobs=0), request_id="hit")
-    eng.add_request({"prompt_token_ids": other}, SamplingParams(temperature=0.0, max_tokens=2), request_id="ok")
+    eng.add_request({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, prompt_logprobs=0), request_id="again")
     outs = {}
     while eng.has_unfinished_requests():
         outs.update({o.request_id: o for o in eng.step()})
-    assert outs["hit"].outputs[0].finish_reason == "error" and "prefix cache" in outs["hit"].error
-    assert outs["ok"].outputs[0].finish_reason == "length"
+    assert outs["again"].metrics.num_cached_tokens == 0
+    assert_prompt_logprobs(hf, prompt, outs["again"].prompt_logprobs, k=0)
 
 
 def test_n_samples_share_one_prompt_logprobs(tiny):

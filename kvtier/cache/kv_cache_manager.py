@@ -111,8 +111,8 @@ class KVCacheManager:
             cpu_blocks, num_tokens = self.swapped[request.request_id]
             gpu = self._lookup(self.pool, self._hashes(request)[:num_tokens // self.block_size])
             return PrefixHit(gpu, cpu_blocks[len(gpu):], num_tokens, swapped=True)
-        if not self.enable_prefix_caching:
-            return NO_HIT
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return NO_HIT  # prompt logprobs need every prompt token's logits: no cached KV (as vLLM)
         hashes = self._hashes(request)[:(request.num_tokens - 1) // self.block_size]
         gpu = self._lookup(self.pool, hashes)
         cpu = self._lookup(self.cpu_pool, hashes[len(gpu):]) if self.cpu_pool is not None else []

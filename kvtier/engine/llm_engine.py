@@ -378,6 +378,9 @@ class LLMEngine:
             raise SamplingParamError("stop_token_ids", bad[:5], f"must be in [0, {vocab}), the vocabulary")
         if params.logprobs is not None and params.logprobs > vocab:
             raise SamplingParamError("logprobs", params.logprobs, f"must be at most {vocab}, the vocabulary size")
+        bad = [t for t in params.forced_token_ids or () if t >= vocab]
+        if bad:
+            raise SamplingParamError("forced_token_ids", bad[:5], f"must be in [0, {vocab}), the vocabulary")
 
     def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Tokenize and validate; raises ValueError naming the problem."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ from tqdm.auto import tqdm
 from kvtier.config import EngineConfig
 from kvtier.engine.llm_engine import LLMEngine, PromptType
 from kvtier.outputs import RequestOutput
-from kvtier.sampling_params import SamplingParamError, SamplingParams
+from kvtier.sampling_params import SamplingParams
 
 Messages = list[dict[str, str]]
 
@@ -33,17 +32,10 @@ class LLM:
         params = _params_list(sampling_params, len(prompts))
         processed = [self.engine.process_prompt(p) for p in prompts]  # validate everything first
         for sp in params:
-            self._check_forced_ids(sp)
-        ids = [self.engine.add_request({"prompt": text, "prompt_token_ids": ids}, sp, cache_salt=_salt(sp, cache_salt))
+            self.engine.check_sampling_params(sp)
+        ids = [self.engine.add_request({"prompt": text, "prompt_token_ids": ids}, sp, cache_salt=cache_salt)
                for (text, ids), sp in zip(processed, params)]
         return self._run(ids, use_tqdm)
-
-    def _check_forced_ids(self, params: SamplingParams) -> None:
-        """Forced ids past the vocabulary would fail the sampler's step (on a GPU, a device assert)."""
-        vocab = self.engine.model_config.vocab_size
-        bad = [t for t in params.forced_token_ids or () if t >= vocab]
-        if bad:
-            raise SamplingParamError("forced_token_ids", bad[:5], f"must be in [0, {vocab}), the vocabulary")
 
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -78,15 +70,6 @@ class LLM:
         finally:
             bar.close()
         return [done[i] for i in ids]
-
-
-def _salt(params: SamplingParams, cache_salt: str | None) -> str | None:
-    """The caller's salt; for a request with prompt_logprobs one no other request has. It needs the
-    logits of every prompt token, and tokens whose KV came from the prefix cache have none (vLLM
-    recomputes them too): with a salt of its own, its prefix lookups find nothing."""
-    if params.prompt_logprobs is None:
-        return cache_salt
-    return f"{cache_salt or ''}\0prompt-logprobs:{uuid.uuid4().hex}"
 
 
 def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

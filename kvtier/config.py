@@ -132,11 +132,7 @@ class EngineConfig:
         if self.kv_expansion == "adaptive":
             self._expansion_needs_tier()
             return
-        try:
-            fraction = float(self.kv_expansion)
-        except (TypeError, ValueError):
-            fraction = -1.0
-        if not 0 <= fraction <= 1:
+        if not 0 <= _fraction(self.kv_expansion) <= 1:
             raise ConfigError(f"invalid kv_expansion {self.kv_expansion!r}; give 'off', 'adaptive' or a far "
                               "fraction in [0, 1], e.g. 0.08")
         self._expansion_needs_tier()
@@ -149,14 +145,9 @@ class EngineConfig:
     def _validate_kvpr(self) -> None:
         if self.kvpr == "off":
             return
-        if self.kvpr != "auto":
-            try:
-                fraction = float(self.kvpr)
-            except (TypeError, ValueError):
-                fraction = -1.0
-            if not 0 <= fraction <= 1:
-                raise ConfigError(f"invalid kvpr {self.kvpr!r}; give 'off', 'auto' or a recomputed fraction "
-                                  "in [0, 1], e.g. 0.5")
+        if self.kvpr != "auto" and not 0 <= _fraction(self.kvpr) <= 1:
+            raise ConfigError(f"invalid kvpr {self.kvpr!r}; give 'off', 'auto' or a recomputed fraction "
+                              "in [0, 1], e.g. 0.5")
         if self.kv_offloading_size <= 0:
             raise ConfigError("kvpr keeps layer inputs beside the KV blocks of the CPU tier: set "
                               "--kv-offloading-size (GiB)")
@@ -217,3 +208,11 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _fraction(value: str) -> float:
+    """A fraction flag's number; -1.0 (out of every range) when it is none."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return -1.0

@@ -69,7 +69,11 @@ def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str)
     stats = engine.stats()
     recomputed = stats.get("kvpr_recomputed_blocks_total", 0) - before.get("kvpr_recomputed_blocks_total", 0)
     candidates = stats.get("kvpr_candidate_blocks_total", 0) - before.get("kvpr_candidate_blocks_total", 0)
+    far_of = engine.kv_cache.req_far
     point = {"kvpr": mode, "decode_tok_s": cfg.batch / step, "decode_step_ms": step * 1e3,
+             # which requests hold how many far blocks at the end (on the H200 the far share once
+             # stalled at about half: 33 requests wholly far, the rest not at all, cause not found)
+             "far_blocks_by_request": sorted(len(far_of.get(r.request_id, ())) for r in engine.scheduler.running),
              "decode_steps": cfg.output_len, "far_blocks_per_step": far_blocks, "settle_steps": settle_steps,
              "far_share": far_blocks / max(1, _full_blocks(engine)),
              "split_fraction": recomputed / candidates if candidates else 0.0,

@@ -34,8 +34,8 @@ def test_all_far_recomputed_equals_off(tiny_model_dir, name, kvpr):
     assert engine.worker.transfers.num_recomputed_blocks == done
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama2"])
-@pytest.mark.parametrize("async_scheduling, kvpr", [(False, "1.0"), (True, "1.0"), (False, "0.5")])
+@pytest.mark.parametrize("name, async_scheduling, kvpr", [("tiny-opt", False, "1.0"), ("tiny-opt", True, "1.0"),
+                                                          ("tiny-opt", False, "0.5"), ("tiny-llama2", True, "0.5")])
 def test_prefix_reloads_and_swap_ins_recomputed_equal_off(tiny_model_dir, name, async_scheduling, kvpr):
     """A tight GPU pool: prefixes evicted to the CPU tier come back as hits, and preempted requests
     swap out and in; with --kvpr 1.0 every such block with kept inputs is recomputed instead of

@@ -385,9 +385,11 @@ def _add_eval_ppl(esub) -> None:
                     "teacher-forced. --mode prefill scores them with prompt logprobs of one prefill per window "
                     "(prefill attention); --mode decode prefills the rest of the window and scores them one "
                     "decode step each (decode attention over the KV the engine holds: what a quantized tier, "
-                    "KCache or far blocks change). Prints a table; --output-json writes it.")
+                    "KCache or far blocks change); --mode cpu-tier does as decode over a context first stored "
+                    "in the CPU tier, the GPU prefix cache reset and the context loaded back (the CPU tier's "
+                    "format in the path; needs --kv-offloading-size). Prints a table; --output-json writes it.")
     ppl.add_argument("--context-len", type=int, default=2048, help="tokens per window (must fit max_model_len)")
-    ppl.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
+    ppl.add_argument("--mode", choices=("prefill", "decode", "cpu-tier"), default="prefill",
                      help="which attention path scores the tokens")
     ppl.add_argument("--stride", type=int, default=None,
                      help="tokens scored per window, and the distance between windows (default: context-len / 4)")
@@ -412,6 +414,9 @@ def _add_eval_passkey(esub) -> None:
     pk.add_argument("--context-len", type=int, default=2048, help="tokens per trial, prompt and answer")
     pk.add_argument("--trials", type=int, default=100, help="prompts, each with its own key and depth")
     pk.add_argument("--batch-size", type=int, default=8, help="trials run at once")
+    pk.add_argument("--through-cpu-tier", action="store_true",
+                    help="compute each haystack first (write-through stores it in the CPU tier), reset the GPU "
+                         "prefix cache, then ask: the question's request loads the haystack from the CPU tier")
     pk.add_argument("--output-json", default=None,
                     help="write the result and every trial's key, depth and answer here (default: only printed)")
     add_engine_args(pk)

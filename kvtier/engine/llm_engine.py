@@ -578,6 +578,14 @@ class LLMEngine:
         self._settle_transfers(wait=True)
         self.kv_cache.check_integrity()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the GPU prefix cache's unreferenced blocks (vLLM's LLMEngine.reset_prefix_cache);
+        returns how many. Waits for in-flight copies first: a write-through store protects its
+        GPU block until the copy has read it, and a block still protected would stay cached.
+        Safe while requests run (their blocks stay); the CPU tier keeps every block."""
+        self._settle_transfers(wait=True)
+        return self.kv_cache.reset_prefix_cache()
+
     def num_held_blocks(self) -> int:
         return self.kv_cache.num_held_blocks()
 

@@ -54,6 +54,12 @@ class LLM:
                                       tokenize=True, return_dict=False)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    def reset_prefix_cache(self) -> int:
+        """vLLM's LLM.reset_prefix_cache: the GPU prefix cache forgets every block no request holds
+        (returns how many); the CPU tier keeps its blocks, so the next request with a cached
+        prefix loads it from there. Safe between or during generate calls."""
+        return self.engine.reset_prefix_cache()
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)

@@ -1,6 +1,8 @@
 """`kvtier eval ppl` and `kvtier eval passkey`: build the engine from the flags, run the evaluation,
 print a table and write the JSON (its keys: metric, value, context_len, num_tokens, model, the
-evaluation's own settings, and the engine options that change the KV attention reads)."""
+evaluation's own settings, and the engine options that change the KV attention reads).
+`ppl --mode cpu-tier` and `passkey --through-cpu-tier` put the CPU tier's round trip (its format) in
+the KV path (kvtier/eval/tier.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     record = {"metric": "perplexity", "value": result.value, "context_len": args.context_len,
               "num_tokens": result.num_tokens, "model": llm.engine.model_name, "mode": args.mode,
               "stride": stride, "num_windows": result.num_windows, "nll": result.nll,
-              "text": args.tokens_file or "sharegpt", "seconds": time.perf_counter() - t0, **kv_options(llm)}
+              "text": args.tokens_file or "sharegpt", "seconds": time.perf_counter() - t0,
+              "context_tokens": result.context_tokens, "cpu_hit_tokens": result.cpu_hit_tokens, **kv_options(llm)}
     _report(record, args.output_json)
     return 0
 
@@ -58,10 +61,12 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
 def run_eval_passkey(args: argparse.Namespace) -> int:
     llm = LLM(**engine_kwargs(args))
     t0 = time.perf_counter()
-    result = passkey(llm, args.context_len, args.trials, args.seed, args.batch_size)
+    through = args.through_cpu_tier
+    result = passkey(llm, args.context_len, args.trials, args.seed, args.batch_size, through_cpu_tier=through)
     record = {"metric": "passkey_accuracy", "value": result.accuracy, "context_len": args.context_len,
               "num_tokens": result.prompt_len, "model": llm.engine.model_name, "trials": result.trials,
               "num_correct": result.num_correct, "seed": args.seed, "seconds": time.perf_counter() - t0,
+              "through_cpu_tier": through, "cpu_hit_tokens": result.cpu_hit_tokens,
               **kv_options(llm), "records": result.records}
     _report(record, args.output_json)
     return 0

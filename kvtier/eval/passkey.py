@@ -9,6 +9,12 @@ The prompt is assembled from separately tokenized pieces, so its length is exact
 
 The filler is one fixed paragraph repeated (no downloads, deterministic); the needle goes at the
 start of a repetition, the last one that begins at or before depth * (filler tokens).
+
+With `through_cpu_tier` the haystack (everything before the question) is computed by a request of
+its own first, so write-through stores it in the CPU tier (quantized when the tier is); the GPU
+prefix cache is then reset and the question's request loads the haystack's full blocks from the
+CPU tier (checked per trial: `cpu_hit_tokens` in its record). The answer then reads the needle's
+KV as the CPU tier's format kept it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvtier.entrypoints.llm import LLM
+from kvtier.eval.tier import check_tier_path, cpu_hit_tokens, store_in_cpu_tier
 from kvtier.sampling_params import SamplingParams
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -48,7 +55,8 @@ class PasskeyResult:
     num_correct: int
     trials: int
     prompt_len: int  # tokens of each prompt (context_len - ANSWER_TOKENS)
-    records: list[dict[str, Any]]  # per trial: key, depth, answer text, correct
+    records: list[dict[str, Any]]  # per trial: key, depth, answer text, correct (cpu_hit_tokens)
+    cpu_hit_tokens: int = 0  # through_cpu_tier: prompt tokens loaded from the CPU tier, all trials
 
 
 def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
@@ -78,24 +86,44 @@ def score_answer(text: str, key: int) -> bool:
 
 
 def passkey(llm: LLM, context_len: int, trials: int, seed: int = 0, batch_size: int = 8,
-            use_tqdm: bool = True) -> PasskeyResult:
+            use_tqdm: bool = True, through_cpu_tier: bool = False) -> PasskeyResult:
     """`trials` prompts of context_len - ANSWER_TOKENS tokens (prompt and answer fit context_len), each
-    with its own random key and depth from `seed`; greedy answers of up to ANSWER_TOKENS tokens."""
+    with its own random key and depth from `seed`; greedy answers of up to ANSWER_TOKENS tokens.
+    through_cpu_tier: the haystack's KV is stored in the CPU tier and loaded back from it first."""
     tokenizer = llm.get_tokenizer()
     if tokenizer is None:
         raise ValueError("passkey needs the model's tokenizer (not --skip-tokenizer-init)")
+    if through_cpu_tier:
+        check_tier_path(llm)
     rng = random.Random(seed)
     prompts = [build_prompt(tokenizer, context_len - ANSWER_TOKENS, rng.randint(10000, 99999), rng.random())
                for _ in range(trials)]
     # the answer ends with its sentence: the key is the first number in it
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS, stop=[".", "\n"])
+    num_question = len(_encode(tokenizer, QUESTION))  # the haystack is the prompt before it
     records: list[dict[str, Any]] = []
     with tqdm(total=trials, desc="passkey", unit="trial", disable=not use_tqdm) as bar:
         for first in range(0, trials, batch_size):
-            batch = prompts[first:first + batch_size]
-            outs = llm.generate([{"prompt_token_ids": p.token_ids} for p in batch], params, use_tqdm=False)
-            records += [{"key": p.key, "depth": round(p.depth, 4), "answer": o.outputs[0].text,
-                         "correct": score_answer(o.outputs[0].text, p.key)} for p, o in zip(batch, outs)]
-            bar.update(len(batch))
+            records += _run_batch(llm, prompts[first:first + batch_size], params, num_question, through_cpu_tier)
+            bar.update(len(prompts[first:first + batch_size]))
     num_correct = sum(r["correct"] for r in records)
-    return PasskeyResult(num_correct / max(trials, 1), num_correct, trials, context_len - ANSWER_TOKENS, records)
+    return PasskeyResult(num_correct / max(trials, 1), num_correct, trials, context_len - ANSWER_TOKENS, records,
+                         sum(r.get("cpu_hit_tokens", 0) for r in records))
+
+
+def _run_batch(llm: LLM, batch: list[PasskeyPrompt], params: SamplingParams, num_question: int,
+               through_cpu_tier: bool) -> list[dict[str, Any]]:
+    """One batch of trials' records; through_cpu_tier: the haystacks (prompts less the question)
+    are stored in the CPU tier and the GPU cache reset first, and each trial's hit is checked."""
+    if through_cpu_tier:
+        store_in_cpu_tier(llm, [p.token_ids[:-num_question] for p in batch])
+    outs = llm.generate([{"prompt_token_ids": p.token_ids} for p in batch], params, use_tqdm=False)
+    records = []
+    for p, o in zip(batch, outs):
+        record = {"key": p.key, "depth": round(p.depth, 4), "answer": o.outputs[0].text,
+                  "correct": score_answer(o.outputs[0].text, p.key)}
+        if through_cpu_tier:
+            record.update(cpu_hit_tokens=cpu_hit_tokens(llm, [o], [len(p.token_ids) - num_question]),
+                          cached_by_tier=dict(o.metrics.num_cached_tokens_by_tier))
+        records.append(record)
+    return records

@@ -183,6 +183,23 @@ def per_token_far(meta: AttentionMetadata) -> FarPrefix | None:
     return meta.far.take([b for b, q_len in enumerate(q_lens) for _ in range(q_len)])
 
 
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, v_name: str = "v_cache") -> None:
+    """The paged layout every attention path reads: K (num_blocks, block_size, num_kv_heads,
+    head_dim) in a float dtype, and V (named `v_name` in errors) of K's shape and dtype, block b
+    of one holding the same tokens as block b of the other."""
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
+                         f"got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{v_name} {tuple(v_cache.shape)} {v_cache.dtype} must match "
+                         f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}")
+    if k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
+
+
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """k, v: (T, Hkv, D) -> cache slots; slots < 0 are skipped."""

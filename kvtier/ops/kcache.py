@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.ops import lazy_kernels
-from kvtier.ops.attention import gather_kv_ref, gather_padded_kv
+from kvtier.ops.attention import check_paged_cache, gather_kv_ref, gather_padded_kv
 
 # Tuning constants, NOT timed on a GPU (benchmarks/kcache_gpu.py times the whole operation; sweep
 # these there). Scores: the decode kernel's key tile (kvtier/ops/triton_attention.py). Gather: 32
@@ -78,7 +78,6 @@ GATHER_NUM_WARPS = 4
 
 MODES = ("row", "page")
 AGGREGATES = ("sum", "max")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _BACKENDS = (None, "triton", "torch")
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -460,14 +459,7 @@ def _check_backend(backend: str | None) -> None:
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_store: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float, settings: KCacheSettings | None) -> None:
     """Shapes, dtypes and devices of every argument; settings None: not needed (scores only)."""
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
-                         f"got shape {tuple(k_cache.shape)}")
-    if v_store.shape != k_cache.shape or v_store.dtype != k_cache.dtype:
-        raise ValueError(f"v_store {tuple(v_store.shape)} {v_store.dtype} must match k_cache "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype}: V block b holds the V of K block b")
-    if k_cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"cache dtype must be one of {_FLOAT_DTYPES}, got {k_cache.dtype}")
+    check_paged_cache(k_cache, v_store, "v_store")  # V block b holds the V of K block b
     _check_query(q, k_cache)
     _check_metadata(block_tables, seq_lens, q.shape[0])
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):

@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.ops.attention import AttentionMetadata, FarKV, FarPrefix
+from kvtier.ops.attention import CACHE_DTYPES, AttentionMetadata, FarKV, FarPrefix, check_paged_cache
 
 # Tuning constants, NOT yet timed on a GPU: the usual Triton flash-attention settings for head_dim
 # 128 on an H100 (sm_90). Compiled ahead of time for sm_90 with Triton 3.6 and 3.9, bf16, Llama-3-8B
@@ -86,7 +86,6 @@ PREFILL_BLOCK_M = 128  # queries per program (16, 32 or 64 when max_query_len is
 PREFILL_BLOCK_N = 64  # keys per tile
 PREFILL_NUM_STAGES = 2
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _NO_WINDOW = 1 << 30  # a window longer than any context; keeps the kernels free of a window branch
 _LOG2E = 1.4426950408889634
@@ -650,14 +649,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be (num_blocks, block_size, num_kv_heads, head_dim), "
-                         f"got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match "
-                         f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}")
-    if k_cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"cache dtype must be one of {_FLOAT_DTYPES}, got {k_cache.dtype}")
+    check_paged_cache(k_cache, v_cache)
     head_dim = k_cache.shape[3]
     if head_dim < _MIN_DOT or head_dim > _MAX_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two in [{_MIN_DOT}, {_MAX_HEAD_DIM}], "
@@ -672,8 +664,8 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> tuple[
     if tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):
         raise ValueError(f"k (T, Hkv, D) = {tuple(k.shape)} does not match the cache's "
                          f"(Hkv, D) = {tuple(k_cache.shape[2:])}")
-    if k.dtype not in _FLOAT_DTYPES or v.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"k and v must be one of {_FLOAT_DTYPES}, got {k.dtype} and {v.dtype}")
+    if k.dtype not in CACHE_DTYPES or v.dtype not in CACHE_DTYPES:
+        raise ValueError(f"k and v must be one of {CACHE_DTYPES}, got {k.dtype} and {v.dtype}")
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("k and v need a contiguous last (head_dim) dimension")
     return k.shape[0], k.shape[1], k.shape[2]

@@ -78,6 +78,8 @@ class ModelRunner:
             model.precompile(kv.gpu.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.ring_slots = 0  # Pie's staging ring (attach_ring): far blocks a step may read
+        self.keeps_inputs = False  # KVPR (save_layer_inputs)
+        self._attentions: list[nn.Module] = []
         self.sampler = Sampler(device, seed)
         self.prompt_logprobs = PromptLogprobs(device)
         self.num_computed_tokens = 0  # tokens run through the model since start (a counter)
@@ -107,13 +109,16 @@ class ModelRunner:
 
     def recompute_kv(self, layer: int, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """KVPR: layer `layer`'s K, V (T, Hkv, D) of kept inputs x (T, h) at `positions` (T,)."""
-        return self.model.attention_modules()[layer].kv_from_input(positions, x)
+        return self._attentions[layer].kv_from_input(positions, x)
 
     def save_layer_inputs(self, rows: list[torch.Tensor]) -> None:
         """KVPR: every forward writes each layer's attention input into `rows` (KVStorage.activation_rows)
-        at its tokens' KV slots, from which `kv_from_input` recomputes their K/V."""
-        for layer, layer_rows in zip(self.model.attention_modules(), rows):
+        at its tokens' KV slots, from which `kv_from_input` recomputes their K/V; from now on the
+        step's inputs also say which blocks and far blocks KVPR needs to know of."""
+        self._attentions = self.model.attention_modules()
+        for layer, layer_rows in zip(self._attentions, rows):
             layer.saved_inputs = layer_rows
+        self.keeps_inputs = True
 
     def update_states(self, plan: SchedulerOutput) -> None:
         """Forget finished and preempted requests, apply the plan's block-table diffs: first in a
@@ -222,7 +227,8 @@ class ModelRunner:
                 meta.per_token.far = FarPrefix(view[2], view[3], far[0][seq_of_token].tolist(),
                                                far[1][seq_of_token].tolist())
         return ModelInputs(ids_d, pos_d, meta, logits_d, [scheduled[i] for i in sample], ring_pairs,
-                           ring_positions, slots[slots % bs == 0] // bs, _prompt_chunks(scheduled, starts))
+                           ring_positions, slots[slots % bs == 0] // bs if self.keeps_inputs else None,
+                           _prompt_chunks(scheduled, starts))
 
     def _far_arrays(self, scheduled: list[ScheduledRequest]
                     ) -> tuple[list[np.ndarray], tuple[tuple[int, int], ...], tuple[int, ...]]:
@@ -238,7 +244,8 @@ class ModelRunner:
         np.cumsum(counts[:-1], out=ring_start[1:])
         pairs = tuple((cpu_id, int(first) + j) for s, first in zip(scheduled, ring_start)
                       for j, cpu_id in enumerate(s.far_block_ids))
-        positions = tuple(j * self.block_size for s in scheduled for j in range(len(s.far_block_ids)))
+        positions = (tuple(j * self.block_size for s in scheduled for j in range(len(s.far_block_ids)))
+                     if self.keeps_inputs else ())  # only KVPR reads them
         return [counts, ring_start], pairs, positions
 
     def _placeholders(self, scheduled: list[ScheduledRequest], starts: np.ndarray) -> list[np.ndarray]:

@@ -200,6 +200,20 @@ def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, v_name: str 
         raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
 
 
+def check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Queries (T, Hq, D) for a paged cache (check_paged_cache): the cache's head_dim and dtype,
+    Hq a multiple of its KV heads."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
+    num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
+    if head_dim != k_cache.shape[3]:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
+
+
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """k, v: (T, Hkv, D) -> cache slots; slots < 0 are skipped."""

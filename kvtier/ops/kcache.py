@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.ops import lazy_kernels
-from kvtier.ops.attention import check_paged_cache, gather_kv_ref, gather_padded_kv
+from kvtier.ops.attention import check_paged_cache, check_query, gather_kv_ref, gather_padded_kv
 
 # Tuning constants, NOT timed on a GPU (benchmarks/kcache_gpu.py times the whole operation; sweep
 # these there). Scores: the decode kernel's key tile (kvtier/ops/triton_attention.py). Gather: 32
@@ -460,7 +460,7 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_store: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float, settings: KCacheSettings | None) -> None:
     """Shapes, dtypes and devices of every argument; settings None: not needed (scores only)."""
     check_paged_cache(k_cache, v_store, "v_store")  # V block b holds the V of K block b
-    _check_query(q, k_cache)
+    check_query(q, k_cache)
     _check_metadata(block_tables, seq_lens, q.shape[0])
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python number, got {scale!r}")
@@ -471,19 +471,6 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_store: torch.Tensor,
             raise ValueError(f"{name} is on {x.device}, expected {q.device} like q")
     if v_store.device.type != "cpu" and v_store.device != q.device:
         raise ValueError(f"v_store is on {v_store.device}: it must be in CPU memory or on q's device {q.device}")
-
-
-def _check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be (num_seqs, num_heads, head_dim), got shape {tuple(q.shape)}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    if head_dim != k_cache.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
 
 
 def _check_metadata(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int) -> None:

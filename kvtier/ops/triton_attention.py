@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.ops.attention import CACHE_DTYPES, AttentionMetadata, FarKV, FarPrefix, check_paged_cache
+from kvtier.ops.attention import CACHE_DTYPES, AttentionMetadata, FarKV, FarPrefix, check_paged_cache, check_query
 
 # Tuning constants, NOT yet timed on a GPU: the usual Triton flash-attention settings for head_dim
 # 128 on an H100 (sm_90). Compiled ahead of time for sm_90 with Triton 3.6 and 3.9, bf16, Llama-3-8B
@@ -693,16 +693,9 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      far_kv: FarKV | None = None) -> tuple[int, int, int, int]:
     """-> (num_seqs, num_heads, head_dim, num_kv_heads) after checking everything on the host."""
     _check_cache(k_cache, v_cache)
-    if q.dim() != 3:
-        raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
+    check_query(q, k_cache)
     _, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if head_dim != k_cache.shape[3]:
-        raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
     if q.stride(2) != 1:
         raise ValueError("q needs a contiguous last (head_dim) dimension")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):

@@ -350,8 +350,7 @@ class TransferEngine:
         ids = torch.tensor(list(zip(*op.block_pairs)), dtype=torch.int64)  # (2, n): CPU block, destination
         positions = (torch.tensor(op.first_positions, dtype=torch.int64)[:, None] + torch.arange(bs)).flatten()
         runs = None
-        by_dma = self.ring_load == "dma" or len(op.block_pairs) > RING_KERNEL_MAX_BLOCKS  # as plan_ring
-        if self.on_gpu and op.ephemeral and by_dma:  # the inputs by DMA, slot i the i-th block
+        if self.on_gpu and op.ephemeral and self._ring_by_dma(len(op.block_pairs)):  # slot i: the i-th block
             acts = self.acts[Tier.CPU]
             runs = _runs(ids[0].tolist(), max(1, PIN_CHUNK_BYTES // (acts[0].numel() * acts.element_size())))
         if self.on_gpu:
@@ -413,12 +412,16 @@ class TransferEngine:
         for layers, end in zip(ranges, self._issue("to_gpu", pairs, pipeline.flight, ranges)):
             pipeline.wait_before(layers.start or 0, end)
 
+    def _ring_by_dma(self, num_blocks: int) -> bool:
+        """Whether a step's `num_blocks` far blocks (or their kept inputs) reach the ring by DMA."""
+        return self.ring_load == "dma" or num_blocks > RING_KERNEL_MAX_BLOCKS
+
     def plan_ring(self, pairs: tuple[tuple[int, int], ...]) -> RingPlan:
         """A step's (CPU block, ring slot) pairs, distinct slots (the runner gives them out in batch
         order; KVPR leaves out the recomputed ones), as device ids for the kernel or as runs for DMA
         and the CPU."""
         slots, cpu_ids = zip(*sorted((s, c) for c, s in pairs)) if pairs else ((), ())
-        if self.on_gpu and self.ring_load == "kernel" and len(pairs) <= RING_KERNEL_MAX_BLOCKS:
+        if self.on_gpu and not self._ring_by_dma(len(pairs)):
             ids = torch.tensor([cpu_ids, slots], dtype=torch.int64)
             return RingPlan(len(cpu_ids), ids=ids.pin_memory().to(self.device, non_blocking=True))
         return RingPlan(len(cpu_ids), runs=_runs(list(cpu_ids), self.chunk, list(slots)))

@@ -94,11 +94,10 @@ class Worker:
 
     def _kvpr_plan(self, plan: SchedulerOutput, inputs: ModelInputs | None) -> TransferPlan:
         assert self.kvpr is not None
-        loads = any(isinstance(op, Move) and op.src is Tier.CPU and op.dst is Tier.GPU
-                    for op in plan.transfers.operations)
-        positions_of = self.runner.block_positions(plan.scheduled) if loads and inputs is not None else None
         if inputs is None:
             return self.kvpr.rewrite(plan.transfers, (), (), None, None)
+        loads = plan.transfers.pairs(Tier.CPU, Tier.GPU)  # prefix hits, swap-ins: placed by the step's tables
+        positions_of = self.runner.block_positions(plan.scheduled) if loads else None
         return self.kvpr.rewrite(plan.transfers, inputs.ring_pairs, inputs.ring_first_positions,
                                  inputs.first_slot_blocks, positions_of)
 

@@ -75,7 +75,7 @@ def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str)
              # stalled at about half: 33 requests wholly far, the rest not at all, cause not found)
              "far_blocks_by_request": sorted(len(far_of.get(r.request_id, ())) for r in engine.scheduler.running),
              "decode_steps": cfg.output_len, "far_blocks_per_step": far_blocks, "settle_steps": settle_steps,
-             "far_share": far_blocks / max(1, _full_blocks(engine)),
+             "far_share": far_blocks / max(1, _full_blocks(engine)), "why_near": _why_near(engine),
              "split_fraction": recomputed / candidates if candidates else 0.0,
              "link_gb_s": stats.get("kvpr_link_gb_s"), "recompute_tflops": stats.get("kvpr_recompute_tflops")}
     engine.worker.free_kv_cache()
@@ -86,6 +86,21 @@ def decode_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str)
 
 def _full_blocks(engine) -> int:
     return sum(r.num_computed_tokens // engine.config.block_size for r in engine.scheduler.running)
+
+
+def _why_near(engine) -> dict[str, int]:
+    """Why full blocks of running requests are still on the GPU: no CPU copy, a copy in flight, or
+    the limits (staging ring slots, free CPU blocks, stores dropped for want of one)."""
+    kv = engine.kv_cache
+    in_flight = kv.pending.refs(kv.cpu_pool)
+    copies = [kv.cpu_pool.lookup(b.block_hash) if b.block_hash is not None else None
+              for r in engine.scheduler.running
+              for b in kv.req_blocks.get(r.request_id, [])[:r.num_computed_tokens // engine.config.block_size]]
+    return {"no_copy": sum(c is None for c in copies),
+            "copy_in_flight": sum(c is not None and c.block_id in in_flight for c in copies),
+            "copy_landed": sum(c is not None and c.block_id not in in_flight for c in copies),
+            "max_far_blocks": kv.max_far_blocks, "cpu_free_blocks": kv.cpu_pool.num_free_blocks,
+            "dropped_stores": kv.num_dropped_demotions}
 
 
 def _all_far(llm: LLM) -> int:

@@ -299,8 +299,9 @@ class KVCacheManager:
 
     def _send_far(self, request_id: str, target: int) -> None:
         """A block goes far once a CPU copy of it has landed: its GPU block is released and the CPU
-        copy held instead. A block without a CPU copy gets a store beside later steps, and goes
-        far in a step after that store completes."""
+        copy held instead, oldest first. Every block up to the target without a CPU copy gets a
+        store beside this step (all in one step: one a step left a batch half near for dozens of
+        steps), and goes far in a step after its store completes."""
         cpu_pool = self._cpu
         far = self.req_far.get(request_id, [])
         in_flight: dict[int, int] | None = None
@@ -308,11 +309,10 @@ class KVCacheManager:
             block = self.req_blocks[request_id][0]
             cpu_block = cpu_pool.lookup(block.block_hash) if block.block_hash is not None else None
             if cpu_block is None:
-                self._store(block, Stage.AFTER)
-                return
+                break  # no copy yet: stored below
             in_flight = in_flight if in_flight is not None else self.pending.refs(cpu_pool)
             if cpu_block.block_id in in_flight:
-                return  # its copy is still on the way
+                break  # its copy is still on the way
             cpu_pool.touch([cpu_block])
             far.append(cpu_block)
             self._num_far += 1
@@ -321,6 +321,10 @@ class KVCacheManager:
             self.req_block_ids[request_id][len(far) - 1] = FAR_BLOCK_ID
             self.pool.free([block])
             self.far_changed.add(request_id)
+        for block in self.req_blocks[request_id][:target - len(far)]:
+            if block.block_hash is not None and cpu_pool.lookup(block.block_hash) is None:
+                if self._store(block, Stage.AFTER) is None:
+                    return  # the CPU pool is full of blocks in use
 
     def _bring_near(self, request_id: str, count: int) -> None:
         """The request's `count` newest far blocks back on the GPU: shared where the GPU still caches

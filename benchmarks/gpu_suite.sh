@@ -13,12 +13,14 @@
 #             4096-token CPU-tier prefix hit; Llama-3-8B (GQA) the same (the planner must choose l = 0)
 #   newops    the KCache decode op and the int8/int4/fp8 KV formats: their tests on the GPU (compiled
 #             kernels against the references), then their timings (kcache.json, kv_quant.json)
+#   fp8       decode 64 x 2048 with the GPU cache in bf16 and in fp8 (--kv-cache-dtype), one engine each
+#   quant     TTFT of a 4096-token CPU-tier prefix hit with the tier in bf16, int8, int4 vs recompute
 #   profile   (not in the default) decode steps kernel by kernel at 64 x 2048 and 256 x 512, and sampled
 # SECTIONS picks some (default: all), e.g. SECTIONS="equality tier" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (default ./out); copy the JSON you rely on to benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-out}
-SECTIONS=${SECTIONS:-"kernels newops equality bench transfer tier multiturn expansion kvpr"}
+SECTIONS=${SECTIONS:-"kernels newops equality bench transfer tier multiturn expansion kvpr fp8 quant"}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log="$OUT/suite.log"
@@ -95,8 +97,8 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
       echo "== KVPR: OPT-13B, all active KV in the CPU tier: full transfer vs KVPR; a 4096-token prefix hit"
       python3 -m kvtier.cli bench kvpr --model opt-13b $KVPR_ARGS --kv-offloading-size 48 ${KVPR_OPT_ARGS:-} \
           --output-json "$OUT/kvpr_opt13b.json" || echo "KVPR FAILED rc=$?"
-      echo "== KVPR: a 4096-token CPU-tier prefix hit, OPT-13B's shape with 4096 positions: reload, KVPR, recompute"
-      python3 -m kvtier.cli bench kvpr --model opt-13b-4k --no-decode --load-format dummy --skip-tokenizer-init \
+      echo "== KVPR: a 4096-token CPU-tier prefix hit, OPT-13B's shape with 8192 positions: reload, KVPR, recompute"
+      python3 -m kvtier.cli bench kvpr --model opt-13b-8k --no-decode --load-format dummy --skip-tokenizer-init \
           --kv-offloading-size 24 --prefix-len ${KVPR_PREFIX_LEN:-4096} --output-json "$OUT/kvpr_prefix_opt13b.json" \
           || echo "KVPR FAILED rc=$?"
     fi
@@ -105,6 +107,15 @@ MULTITURN_DEFAULT="--model llama3-8b --load-format dummy --skip-tokenizer-init -
       python3 -m kvtier.cli bench kvpr --model llama3-8b $KVPR_ARGS --kv-offloading-size 24 \
           --output-json "$OUT/kvpr_llama3_8b.json" || echo "KVPR FAILED rc=$?"
     fi
+  fi
+  if want fp8; then
+    echo "== fp8 GPU KV cache against bf16: decode step"
+    python3 benchmarks/gpu_bench.py --only ${FP8_SCENARIOS:-decode} --kv-cache-dtypes auto,fp8 --out "$OUT/fp8" \
+        || echo "FP8 BENCH FAILED rc=$?"
+  fi
+  if want quant; then
+    echo "== quantized CPU tier: TTFT of a 4096-token prefix hit (bf16, int8, int4) vs recompute"
+    python3 benchmarks/quant_tier_gpu.py --out "$OUT/quant_tier.json" || echo "QUANT TIER FAILED rc=$?"
   fi
   if want multiturn; then
     echo "== multi-turn, CPU tier on and off"

@@ -16,6 +16,7 @@ from typing import Any
 from kvtier.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     OFFLOAD_POLICIES,
     OFFLOADING_DTYPES,
@@ -45,6 +46,10 @@ _ENGINE_HELP = {
     "enforce_eager": "never capture CUDA graphs",
     "attention_backend": "torch (PyTorch's fused scaled_dot_product_attention over the paged cache) or "
                          "triton (kvtier's kernels); default: triton on GPU, torch on CPU",
+    "kv_cache_dtype": "the GPU KV cache's format: auto (the model's dtype) or fp8 (= fp8_e4m3; fp8_e5m2): "
+                      "K/V stored in 8 bits with scale 1.0, saturating, converted back on load by the "
+                      "attention kernels: twice the blocks in the same memory and half the KV bytes each "
+                      "decode step reads; lossy (greedy tokens may change). Not yet with --kvpr",
     "kv_offloading_size": "GiB of pinned CPU memory for the CPU KV tier (evicted prefix blocks and "
                           "swapped requests go there); 0 = off",
     "kv_offloading_policy": "write-through: copy every block to CPU once full, beside later steps; "
@@ -78,7 +83,8 @@ _ENGINE_HELP = {
             "beside its K/V (its size counts both); needs --kv-offloading-size",
 }
 _CHOICES = {"load_format": LOAD_FORMATS, "dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
-            "kv_offloading_policy": OFFLOAD_POLICIES, "kv_offloading_dtype": OFFLOADING_DTYPES}
+            "kv_offloading_policy": OFFLOAD_POLICIES, "kv_offloading_dtype": OFFLOADING_DTYPES,
+            "kv_cache_dtype": tuple(KV_CACHE_DTYPES)}
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvtier.ops.kv_quant as kq
+from kvtier.ops.attention import to_cache_dtype
 from kvtier.ops.kv_quant import (
     FP8_MAX,
     FP8_MIN_SCALE,
@@ -191,6 +192,23 @@ def test_kernels_match_the_reference_bit_for_bit(bits, group_size, k_group_size,
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_kernels_over_an_fp8_gpu_cache(bits, cache_dtype):
+    """--kv-cache-dtype fp8 with an int8 / int4 CPU tier: the kernels read fp8 rows and write fp8
+    rows (saturating, to nearest even), bit for bit as the reference; the round trip stays within
+    the int format's bound plus one fp8 step."""
+    rows = to_cache_dtype(kv_rows(dtype=torch.float32, seed=8) * 40, cache_dtype)  # some past e4m3's 448
+    q = quantize_blocks(rows, bits, 8, backend="triton")
+    assert_same(q, quantize_blocks_ref(rows, bits, 8))
+    out = torch.zeros_like(rows)
+    dequantize_blocks(q, out, backend="triton")
+    ref = torch.zeros_like(rows)
+    dequantize_blocks(q, ref, backend="torch")
+    assert out.float().isfinite().all() and torch.equal(out.float(), ref.float())
+    assert torch.equal(out.float(), to_cache_dtype(dequantize_blocks_ref(q, torch.float32), cache_dtype).float())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_kernels_gather_from_and_scatter_into_a_layer_major_cache(bits):
     """The intended use: quantize scattered blocks of the GPU cache (L, 2, Ng, bs, H, D), viewed as
     block rows (strided), and dequantize them back into other blocks of it; the rest is untouched."""
@@ -289,7 +307,7 @@ def _bad_quantize_calls():
     return [
         ("5-D rows", dict(rows=rows[0]), "6-D tensor"),
         ("three parts", dict(rows=torch.cat([rows, rows[:, :, :1]], dim=2)), "parts 0 and 1"),
-        ("int rows", dict(rows=rows.int()), "bf16, fp16 or fp32"),
+        ("int rows", dict(rows=rows.int()), "a KV cache dtype"),
         ("strided channels", dict(rows=rows[..., ::2]), "contiguous"),
         ("float ids", dict(block_ids=torch.tensor([0.0], device=DEVICE)), "int32/int64"),
         ("id too large", dict(block_ids=torch.tensor([0, 3], device=DEVICE)), r"\[0, 3\)"),

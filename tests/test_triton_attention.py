@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 import kvtier.ops.triton_attention as ta
-from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_ref
+from kvtier.ops.attention import AttentionMetadata, paged_attention_ref, to_cache_dtype, write_kv_ref
 
 INTERPRETING = not isinstance(tl.standard.sum, triton.runtime.JITFunction)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,10 +33,12 @@ LOW_PRECISION_REL = 1e-2
 
 
 def _batch(seq_lens, q_lens, num_kv_heads, group, head_dim=32, block_size=16,
-           dtype=torch.float32, seed=0, device=DEVICE):
+           dtype=torch.float32, seed=0, device=DEVICE, cache_dtype=None):
     """Random caches, shuffled block tables, this step's K/V written; -> (q, k_cache, v_cache, meta).
 
-    Drawn on the CPU (the same numbers on every machine), then moved to `device`."""
+    Drawn on the CPU (the same numbers on every machine), then moved to `device`. q, k and v in
+    dtype, the caches in cache_dtype (default: dtype; fp8 for --kv-cache-dtype fp8)."""
+    cache_dtype = cache_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks hold garbage that must never be read
@@ -48,8 +50,8 @@ def _batch(seq_lens, q_lens, num_kv_heads, group, head_dim=32, block_size=16,
         tables[b, :n] = ids[used:used + n]
         used += n
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(device, dtype)
-    v_cache = torch.randn(shape, generator=gen).to(device, dtype)
+    k_cache = to_cache_dtype(torch.randn(shape, generator=gen), cache_dtype).to(device)
+    v_cache = to_cache_dtype(torch.randn(shape, generator=gen), cache_dtype).to(device)
     slots = [int(tables[b, p // block_size]) * block_size + p % block_size
              for b, (s, n) in enumerate(zip(seq_lens, q_lens)) for p in range(s - n, s)]
     num_tokens = len(slots)
@@ -165,6 +167,60 @@ def test_decode_matches_reference(dtype, group, head_dim, num_splits):
                                        seed=3)
     out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
     _assert_close(out, q, k_cache, v_cache, meta, 0.2)
+
+
+# --kv-cache-dtype fp8: the caches hold e4m3 (or e5m2) values, the queries the model's dtype; the
+# kernels convert on load, exactly (every fp8 value is a bf16 and an fp32 value), so they must match
+# the fp32 reference over the same fp8 values as closely as over a cache in the queries' dtype
+
+@pytest.mark.parametrize("dtype,cache_dtype,group,num_splits", [
+    (torch.float32, torch.float8_e4m3fn, 1, None),
+    (torch.bfloat16, torch.float8_e4m3fn, 3, 4),
+    (torch.float16, torch.float8_e5m2, 3, None),
+])
+def test_decode_over_fp8_cache(dtype, cache_dtype, group, num_splits):
+    q, k_cache, v_cache, meta = _batch(DECODE_SEQ_LENS, [1] * 5, 2, group, 64, dtype=dtype, seed=5,
+                                       cache_dtype=cache_dtype)
+    assert k_cache.dtype == cache_dtype and q.dtype == dtype
+    out = ta.paged_decode_attention(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits)
+    assert out.dtype == dtype
+    _assert_close(out, q, k_cache, v_cache, meta, 0.2)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float8_e4m3fn),
+                                               (torch.bfloat16, torch.float8_e4m3fn)])
+def test_prefill_over_fp8_cache(monkeypatch, dtype, cache_dtype):
+    monkeypatch.setattr(ta, "PREFILL_BLOCK_M", 16)
+    q, k_cache, v_cache, meta = _batch(PREFILL_SEQ_LENS, PREFILL_Q_LENS, 2, 3, 32, dtype=dtype, seed=6,
+                                       cache_dtype=cache_dtype)
+    out = ta.paged_prefill_attention(q, k_cache, v_cache, meta, 0.3)
+    _assert_close(out, q, k_cache, v_cache, meta, 0.3)
+
+
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float8_e4m3fn),
+                                                   (torch.bfloat16, torch.float8_e4m3fn),
+                                                   (torch.float16, torch.float8_e5m2)])
+def test_write_kv_to_fp8_cache(src_dtype, cache_dtype):
+    """Values cast to fp8 as to_cache_dtype does (to nearest even), saturating at the format's
+    largest value (some inputs are far past it: no NaN, no inf); equal values (the interpreter's
+    path rounds by hand and may give +0 where torch gives -0)."""
+    gen = torch.Generator().manual_seed(7)
+    num_tokens, num_kv_heads, head_dim = 9, 2, 32
+    limit = torch.finfo(cache_dtype).max
+    k_cache = torch.zeros(4, 8, num_kv_heads, head_dim, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 4).to(src_dtype)
+    v = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 4).to(src_dtype)
+    k[0, 0, :4] = torch.tensor([limit * 2, -limit * 2, limit * 1.01, 1e-3])
+    slots = torch.randperm(4 * 8, generator=gen)[:num_tokens]
+    slots[2] = -1
+    k_cache, v_cache, k, v, slots = (x.to(DEVICE) for x in (k_cache, v_cache, k, v, slots))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    write_kv_ref(k, v, k_ref, v_ref, slots)
+    ta.write_kv(k, v, k_cache, v_cache, slots)
+    assert k_ref.float().isfinite().all() and k_ref.float().abs().max() == limit  # saturated, not NaN
+    assert (k_cache.float() == k_ref.float()).all() and (v_cache.float() == v_ref.float()).all()
+    assert (k_cache.float() != 0).sum() > num_tokens  # written at all
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])

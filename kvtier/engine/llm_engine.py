@@ -19,6 +19,7 @@ from kvtier.cache.storage import StorageSpec, Tier
 from kvtier.config import (
     ADAPTIVE_MAX_FRACTION,
     DEFAULT_CPU_KV_CACHE_BYTES,
+    KV_CACHE_DTYPES,
     ConfigError,
     EngineConfig,
     GiB,
@@ -104,7 +105,8 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = self._eos_ids(source.path)
         # what one GPU block holds; the CPU tier's spec is the same blocks in its own layout (and format)
-        self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size, self.dtype)
+        self.kv_spec = StorageSpec.for_model(self.model_config, Tier.GPU, config.block_size,
+                                             KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype)
         self.cpu_kv_spec = self._cpu_kv_spec()
         num_blocks = self._num_blocks()
         self.max_model_len = self._max_model_len(num_blocks)

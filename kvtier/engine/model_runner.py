@@ -67,6 +67,7 @@ class ModelRunner:
                  attention_backend: str | None = None):
         self.model, self.cfg, self.kv_caches = model, cfg, kv.layer_views()  # per layer (K, V) views
         self.block_size, self.device = kv.specs[Tier.GPU].block_size, device
+        self.dtype = next(model.parameters()).dtype  # the model's; the cache's may be fp8
         self.attention_backend = attention_backend or default_attention_backend(device)
         for layer in model.attention_layers():  # one backend object per layer: a layer may differ
             layer.backend = make_attention_backend(self.attention_backend)
@@ -74,8 +75,8 @@ class ModelRunner:
             # every Triton kernel variant a step can launch compiles now, not mid-serving
             # (~1 s each; what makes a variant: the top of kvtier/ops/triton_attention.py)
             from kvtier.ops import triton_attention  # here: importing kvtier must not import Triton
-            triton_attention.precompile(*self.kv_caches[0], cfg.num_heads)
-            model.precompile(kv.gpu.dtype, device)
+            triton_attention.precompile(*self.kv_caches[0], cfg.num_heads, compute_dtype=self.dtype)
+            model.precompile(self.dtype, device)
         self.graphs: DecodeGraphs | None = None
         self.ring_slots = 0  # Pie's staging ring (attach_ring): far blocks a step may read
         self.keeps_inputs = False  # KVPR (save_layer_inputs)
@@ -98,7 +99,7 @@ class ModelRunner:
             layer.backend.far_kv = tuple(entry[:, part].unflatten(-1, k_cache.shape[1:]) for part in range(2))
         if self.device.type == "cuda" and self.attention_backend == "triton":  # the far variants, now
             from kvtier.ops import triton_attention
-            triton_attention.precompile(*self.kv_caches[0], self.cfg.num_heads,
+            triton_attention.precompile(*self.kv_caches[0], self.cfg.num_heads, compute_dtype=self.dtype,
                                         far_kv=self.model.attention_layers()[0].backend.far_kv)
 
     def block_positions(self, scheduled: list[ScheduledRequest]) -> dict[int, tuple[int, int]]:

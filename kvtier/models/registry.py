@@ -45,10 +45,10 @@ DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
                         head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
                         rope_scaling=_LLAMA31_SCALING, bos_token_id=128000, eos_token_id=128001),
     "opt-13b": _opt(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40),
-    # OPT-13B's shape with 4096 learned positions (OPT has 2048): for dummy-weight timings of longer
+    # OPT-13B's shape with 8192 learned positions (OPT has 2048): for dummy-weight timings of longer
     # contexts (KVPR's 4096-token prefix hit), where the values of the weights do not matter
-    "opt-13b-4k": _opt(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
-                       max_position_embeddings=4096),
+    "opt-13b-8k": _opt(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
+                       max_position_embeddings=8192),
     "opt-30b": _opt(hidden_size=7168, ffn_dim=28672, num_hidden_layers=48, num_attention_heads=56),
     # Tiny shapes for tests: GQA + tied embeddings, multi-head attention, Llama-3.1 RoPE scaling, Qwen2 biases, OPT.
     "tiny-llama": _llama(**_TINY, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvtier.ops.triton_attention import _saturate_fp8
+
 
 # Specialization (the rule at the top of kvtier/ops/triton_attention.py): the block ids change with
 # every call and may be a view at any offset, so they are not specialized on; how many blocks a
@@ -160,11 +162,16 @@ def _v_values(codes, scales_ptr, zeros_ptr, tile, BLOCK_SIZE: tl.constexpr, HEAD
 def _round_to(x, dtype: tl.constexpr):
     """fp32 -> dtype, to nearest even. bf16 is rounded by hand on the bits: the same result as the
     GPU's cvt.rn.bf16.f32 for finite values, where Triton 3.9's interpreter truncates, or rounds
-    half up without carrying a full mantissa into the exponent (off by up to 2x)."""
+    half up without carrying a full mantissa into the exponent (off by up to 2x). fp8 (an fp8 GPU
+    cache) saturates and is rounded by hand too (triton_attention._saturate_fp8)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float8e4nv:
+        y = _saturate_fp8(x, 448.0, 3, -6, True).to(dtype)
+    elif dtype == tl.float8e5:
+        y = _saturate_fp8(x, 57344.0, 2, -14, True).to(dtype)
     else:
         y = x.to(dtype)
     return y

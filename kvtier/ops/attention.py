@@ -183,7 +183,21 @@ def per_token_far(meta: AttentionMetadata) -> FarPrefix | None:
     return meta.far.take([b for b, q_len in enumerate(q_lens) for _ in range(q_len)])
 
 
-CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# --kv-cache-dtype fp8 (vLLM's meaning, e4m3 unless fp8_e5m2): the cache stores x / scale with the
+# scale 1.0 that vLLM uses when a checkpoint brings no KV scales, so the attention kernels only
+# convert on load; the queries and outputs keep the model's dtype
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+CACHE_DTYPES = (*COMPUTE_DTYPES, *FP8_CACHE_DTYPES)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to a cache dtype; an fp8 cache saturates at the format's largest finite value
+    (e4m3fn has no infinity: torch's cast of an overflow may give NaN where vLLM's saturates)."""
+    if dtype in FP8_CACHE_DTYPES:
+        limit = torch.finfo(dtype).max
+        return x.float().clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
 
 
 def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, v_name: str = "v_cache") -> None:
@@ -201,8 +215,8 @@ def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, v_name: str 
 
 
 def check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    """Queries (T, Hq, D) for a paged cache (check_paged_cache): the cache's head_dim and dtype,
-    Hq a multiple of its KV heads."""
+    """Queries (T, Hq, D) for a paged cache (check_paged_cache): the cache's head_dim and dtype (any
+    compute dtype over an fp8 cache), Hq a multiple of its KV heads."""
     if q.dim() != 3:
         raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
     num_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
@@ -210,8 +224,9 @@ def check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
         raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
+    if q.dtype != k_cache.dtype and not (k_cache.dtype in FP8_CACHE_DTYPES and q.dtype in COMPUTE_DTYPES):
+        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype} (or be one of "
+                         f"{COMPUTE_DTYPES} over an fp8 cache)")
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -220,8 +235,8 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(k[valid], k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(v[valid], v_cache.dtype)
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
@@ -413,7 +428,7 @@ def _prefill_one_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """q (Lq, Hq, D) of one sequence -> (Lq, Hq, D); `far` from _span_far."""
     q_len, num_kv_heads = q.shape[0], k_cache.shape[2]
     qg = _group(q, num_kv_heads)  # (Hkv, G, Lq, D)
-    k, v = (_grouped_kv(x.transpose(0, 1), qg.shape[1])  # (Hkv, G, L, D)
+    k, v = (_grouped_kv(x.transpose(0, 1).to(q.dtype), qg.shape[1])  # (Hkv, G, L, D)
             for x in _gather_one(k_cache, v_cache, block_table, seq_len, far))
     mask = None
     # is_causal aligns the diagonal top-left (query j sees keys 0..j): right only when the queries
@@ -436,5 +451,6 @@ def _decode_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k, v, mask = _decode_kv_mask(k_cache, v_cache, block_tables, seq_lens, max_seq_len, sliding_window,
                                  far, far_kv)
     qg = q.reshape(num_seqs, num_kv_heads, -1, q.shape[-1])  # (B, Hkv, G, D)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # no copy unless the cache is fp8
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], scale=scale)  # (B, Hkv, G, D)
     return o.reshape(q.shape)

@@ -83,6 +83,7 @@ import os
 import torch
 
 from kvtier.ops import lazy_kernels
+from kvtier.ops.attention import CACHE_DTYPES, to_cache_dtype
 
 # ---------------------------------------------------------------------------------------------
 # fp8 e4m3
@@ -311,7 +312,7 @@ def dequantize_blocks(q: QuantizedBlocks, out: torch.Tensor, *, block_ids: torch
     if block_ids is not None:
         _check_ids(block_ids, out.device, out.shape[0], distinct=True, count=q.num_blocks)
     if not _use_triton(backend, out.device):
-        values = _dequantize_ref(q).to(out.dtype)  # (n, L, 2, bs, H, D)
+        values = to_cache_dtype(_dequantize_ref(q), out.dtype)  # (n, L, 2, bs, H, D)
         if block_ids is None:
             out.copy_(values)
         else:
@@ -466,8 +467,8 @@ def _check_rows(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 6 or x.shape[2] != 2:
         raise ValueError(f"{name} must be a 6-D tensor (blocks, num_layers, 2, block_size, num_kv_heads, "
                          f"head_dim) with K and V as parts 0 and 1, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be bf16, fp16 or fp32, got {x.dtype}")
+    if x.dtype not in CACHE_DTYPES:
+        raise ValueError(f"{name} must be a KV cache dtype {CACHE_DTYPES}, got {x.dtype}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name}'s last dim (head_dim) must be contiguous, strides {x.stride()}")
     if x.device.type not in ("cpu", "cuda"):

@@ -64,7 +64,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.ops.attention import CACHE_DTYPES, AttentionMetadata, FarKV, FarPrefix, check_paged_cache, check_query
+from kvtier.ops.attention import (
+    CACHE_DTYPES,
+    FP8_CACHE_DTYPES,
+    AttentionMetadata,
+    FarKV,
+    FarPrefix,
+    check_paged_cache,
+    check_query,
+)
 
 # Tuning constants, NOT yet timed on a GPU: the usual Triton flash-attention settings for head_dim
 # 128 on an H100 (sm_90). Compiled ahead of time for sm_90 with Triton 3.6 and 3.9, bf16, Llama-3-8B
@@ -101,8 +109,12 @@ _MAX_HEAD_DIM = 128  # 256 would need smaller prefill tiles to stay in registers
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
-                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One program per token: all KV heads of token t to slot slot_mapping[t] (skipped if < 0)."""
+                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     FP8_MAX: tl.constexpr, FP8_MANTISSA: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
+                     FP8_BY_HAND: tl.constexpr):
+    """One program per token: all KV heads of token t to slot slot_mapping[t] (skipped if < 0).
+    FP8_MAX > 0 (an fp8 cache; _fp8_args): values saturate before the cast, as
+    attention.to_cache_dtype."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     page, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
@@ -111,17 +123,46 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_he
     mask = h < tl.where(slot >= 0, num_kv_heads, 0)  # (HEADS_PAD, 1); padding token: all off
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8_MAX > 0:
+        k = _saturate_fp8(k.to(tl.float32), FP8_MAX, FP8_MANTISSA, FP8_MIN_EXP, FP8_BY_HAND)
+        v = _saturate_fp8(v.to(tl.float32), FP8_MAX, FP8_MANTISSA, FP8_MIN_EXP, FP8_BY_HAND)
     k_dst = k_cache_ptr + page * stride_kcb + offset * stride_kco + h * stride_kch + d
     v_dst = v_cache_ptr + page * stride_vcb + offset * stride_vco + h * stride_vch + d
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _saturate_fp8(x, LIMIT: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, BY_HAND: tl.constexpr):
+    """fp32 x clamped to +-LIMIT; BY_HAND: also rounded to the fp8 format's nearest value (ties to
+    even), so the cast after it is exact. The GPU's cast rounds so itself (cvt.rn.satfinite);
+    Triton 3.9's interpreter does not (it gave 1.0 for 1.97), hence BY_HAND there: the value's
+    step is 2^(max(exponent, MIN_EXP) - MANTISSA), and x / step is rounded by fp32's own addition."""
+    x = tl.clamp(x, -LIMIT, LIMIT)
+    if BY_HAND:
+        exponent = ((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+        step_bits = (tl.maximum(exponent, MIN_EXP) - MANTISSA + 127).to(tl.uint32) << 23
+        step = step_bits.to(tl.float32, bitcast=True)
+        x = ((x / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: ties to even at step 1
+    return x
+
+
+def _fp8_args(dtype: torch.dtype) -> dict[str, float | int | bool]:
+    """write_kv's FP8_* constexprs for a cache dtype: largest value, mantissa bits, smallest normal
+    exponent, round by hand (the interpreter); FP8_MAX 0 when the cache is not fp8."""
+    if dtype not in FP8_CACHE_DTYPES:
+        return {"FP8_MAX": 0.0, "FP8_MANTISSA": 0, "FP8_MIN_EXP": 0, "FP8_BY_HAND": False}
+    info = torch.finfo(dtype)
+    return {"FP8_MAX": info.max, "FP8_MANTISSA": {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype],
+            "FP8_MIN_EXP": int(math.log2(info.tiny)), "FP8_BY_HAND": _INTERPRETED}
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v (T, Hkv, D) -> k_cache, v_cache (num_blocks, block_size, Hkv, D) at slot_mapping (T,).
 
-    Slots < 0 (padding tokens) are skipped; values are cast to the cache dtype.
+    Slots < 0 (padding tokens) are skipped; values are cast to the cache dtype (an fp8 cache
+    saturates, as attention.to_cache_dtype).
     """
     _check_cache(k_cache, v_cache)
     num_tokens, num_kv_heads, head_dim = _check_kv(k, v, k_cache)
@@ -133,7 +174,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping, num_kv_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        num_warps=4)
+        **_fp8_args(k_cache.dtype), num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +308,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                         mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
             v = tl.load(v_base + page[:, None] * stride_vb + offset[:, None] * stride_vo + d[None, :],
                         mask=valid[:, None], other=0.0)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache converts on load (a no-op otherwise)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (G_PAD, BLOCK_N), log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax(s, v, acc, m_i, l_i, FP32_DOT)
@@ -435,6 +477,7 @@ def _prefill_tiles(acc, m_i, l_i, q, k_base, v_base, table, far, q_pos, lo, hi, 
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache converts on load (a no-op otherwise)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             keep = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
@@ -563,7 +606,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-               index_dtype: torch.dtype = torch.int64, far_kv: FarKV | None = None) -> None:
+               index_dtype: torch.dtype = torch.int64, far_kv: FarKV | None = None,
+               compute_dtype: torch.dtype | None = None) -> None:
     """Compile every variant that steps over this cache can launch (see the top of this module).
 
     k_cache, v_cache: one layer's (num_blocks, block_size, Hkv, D); every layer has the same key.
@@ -572,20 +616,22 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
     will pass it (same views: its strides and alignment are in the key): also compiles the far
     (HAS_FAR) variants, which a step with meta.far launches. Launches tiny problems that read
     block 0 and write nothing (slot -1); q and out are contiguous, which keys like the model's qkv
-    views (strides are multiples of D). A no-op under the interpreter, which compiles nothing.
+    views (strides are multiples of D). compute_dtype: the model's (q, k, v), when the cache's is
+    another (fp8). A no-op under the interpreter, which compiles nothing.
     """
     if not _INTERPRETED:
-        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, None)
+        dtype = compute_dtype or k_cache.dtype
+        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, dtype, None)
         if far_kv is not None:
-            _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, far_kv)
+            _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, dtype, far_kv)
 
 
 def _launch_each_variant(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-                         index_dtype: torch.dtype, far_kv: FarKV | None = None) -> None:
-    """The attention variants without (far_kv None, and write_kv) or with a far prefix."""
+                         index_dtype: torch.dtype, dtype: torch.dtype, far_kv: FarKV | None = None) -> None:
+    """The attention variants without (far_kv None, and write_kv) or with a far prefix; q, k and v in dtype."""
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    like_cache = dict(dtype=k_cache.dtype, device=k_cache.device)
+    like_cache = dict(dtype=dtype, device=k_cache.device)
     if far_kv is None:
         kv = torch.zeros(1, num_kv_heads, head_dim, **like_cache)
         write_kv(kv, kv, k_cache, v_cache, torch.full((1,), -1, dtype=torch.int64, device=k_cache.device))

@@ -621,17 +621,19 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
     """
     if not _INTERPRETED:
         dtype = compute_dtype or k_cache.dtype
-        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, dtype, None)
+        _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, None, dtype)
         if far_kv is not None:
-            _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, dtype, far_kv)
+            _launch_each_variant(k_cache, v_cache, num_heads, index_dtype, far_kv, dtype)
 
 
 def _launch_each_variant(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-                         index_dtype: torch.dtype, dtype: torch.dtype, far_kv: FarKV | None = None) -> None:
-    """The attention variants without (far_kv None, and write_kv) or with a far prefix; q, k and v in dtype."""
+                         index_dtype: torch.dtype, far_kv: FarKV | None = None,
+                         dtype: torch.dtype | None = None) -> None:
+    """The attention variants without (far_kv None, and write_kv) or with a far prefix; q, k and v in
+    dtype (default: the cache's)."""
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
-    like_cache = dict(dtype=dtype, device=k_cache.device)
+    like_cache = dict(dtype=dtype or k_cache.dtype, device=k_cache.device)
     if far_kv is None:
         kv = torch.zeros(1, num_kv_heads, head_dim, **like_cache)
         write_kv(kv, kv, k_cache, v_cache, torch.full((1,), -1, dtype=torch.int64, device=k_cache.device))

@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kvtier.benchmarks.multiturn import release_memory  # noqa: E402
-from kvtier.benchmarks.prefix_hit import prefix_hit_ttft  # noqa: E402
+from kvtier.benchmarks.prefix_hit import TAIL, prefix_hit_engine_args, prefix_hit_ttft  # noqa: E402
 from kvtier.cache.storage import Tier  # noqa: E402
 from kvtier.entrypoints.llm import LLM  # noqa: E402
 from kvtier.offload.hardware import host_link_bandwidth  # noqa: E402
@@ -37,12 +37,10 @@ DTYPES = ("auto", "int8", "int4")
 
 
 def one_dtype(model: str, device: str, dtype: str, prefix: int, reps: int, cpu_gib: float) -> dict:
-    pool = int(2.5 * (prefix + 16) / 16)
-    llm = LLM(model, load_format="dummy", device=device, num_gpu_blocks_override=pool,
-              kv_offloading_size=cpu_gib, kv_offloading_dtype=dtype, max_model_len=prefix + 64,
-              max_num_batched_tokens=prefix + 64, max_num_seqs=8, skip_tokenizer_init=True)
+    llm = LLM(model, load_format="dummy", device=device, kv_offloading_size=cpu_gib, kv_offloading_dtype=dtype,
+              max_num_seqs=8, skip_tokenizer_init=True, **prefix_hit_engine_args(prefix))
     engine = llm.engine
-    result = prefix_hit_ttft(llm, prefix, 16, reps, evictors=3)
+    result = prefix_hit_ttft(llm, prefix, TAIL, reps, evictors=3)
     # the hit's prefix tokens by the tier they came from, per round (all from "cpu": a real hit)
     result["cached_by_tier"] = [r["cached_by_tier"] for r in result.pop("runs")]
     cpu_spec = engine.worker.kv.specs[Tier.CPU]

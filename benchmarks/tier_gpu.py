@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from kvtier import LLM, SamplingParams  # noqa: E402
-from kvtier.benchmarks.prefix_hit import prefix_hit_ttft  # noqa: E402
+from kvtier.benchmarks.prefix_hit import TAIL, prefix_hit_engine_args, prefix_hit_ttft  # noqa: E402
 from kvtier.engine import transfer_engine  # noqa: E402
 from kvtier.engine.transfer_engine import _InFlight  # noqa: E402
 from kvtier.offload.hardware import host_link_bandwidth, synchronize, time_ms  # noqa: E402
@@ -177,16 +177,15 @@ def main() -> None:
     # request that evicts them; write-through stored them earlier, beside other work)
     llm = fns = None
     release(device)
-    pool = int(2.5 * (prefix + 16) / 16)
     result["ttft"] = {}
     for name, policy, per_layer in (("write-back", "write-back", True), ("write-through", "write-through", True),
                                     ("write-through, whole load first", "write-through", False)):
-        llm = LLM(model, load_format="dummy", device=dev, num_gpu_blocks_override=pool, kv_offloading_size=cpu_gib,
-                  kv_offloading_policy=policy, max_model_len=prefix + 64, max_num_batched_tokens=prefix + 64,
+        llm = LLM(model, load_format="dummy", device=dev, kv_offloading_size=cpu_gib,
+                  kv_offloading_policy=policy, **prefix_hit_engine_args(prefix),
                   max_num_seqs=8, skip_tokenizer_init=True)
         # the last: loads move whole blocks and the forward waits for all of them (no layer-wise overlap)
         llm.engine.worker.transfers.can_split &= per_layer
-        result["ttft"][name] = prefix_hit_ttft(llm, prefix, 16, reps, evictors=3)
+        result["ttft"][name] = prefix_hit_ttft(llm, prefix, TAIL, reps, evictors=3)
         llm = None
         release(device)
     with open(args.out, "w") as f:

@@ -25,7 +25,7 @@ import torch
 
 from kvtier.benchmarks.expansion import _measure
 from kvtier.benchmarks.multiturn import release_memory
-from kvtier.benchmarks.prefix_hit import prefix_hit_ttft
+from kvtier.benchmarks.prefix_hit import TAIL, prefix_hit_engine_args, prefix_hit_ttft
 from kvtier.benchmarks.throughput import GREEDY, start_decoding
 from kvtier.entrypoints.llm import LLM
 
@@ -116,10 +116,9 @@ def _all_far(llm: LLM) -> int:
 
 
 def prefix_point(engine_kwargs: dict[str, Any], cfg: KVPRBenchConfig, mode: str) -> dict[str, Any]:
-    pool = int(2.5 * (cfg.prefix_len + 16) / (engine_kwargs.get("block_size") or 16))
-    llm = LLM(**{**engine_kwargs, "kvpr": mode, "num_gpu_blocks_override": pool, "kv_expansion": "off",
-                 "max_model_len": cfg.prefix_len + 64, "max_num_batched_tokens": cfg.prefix_len + 64})
-    result = prefix_hit_ttft(llm, cfg.prefix_len, 16, cfg.prefix_reps, evictors=3)
+    llm = LLM(**{**engine_kwargs, "kvpr": mode, "kv_expansion": "off",
+                 **prefix_hit_engine_args(cfg.prefix_len, engine_kwargs.get("block_size") or 16)})
+    result = prefix_hit_ttft(llm, cfg.prefix_len, TAIL, cfg.prefix_reps, evictors=3)
     result["split_fraction"] = llm.engine.stats().get("kvpr_split_fraction", 0.0)
     result.pop("runs")
     llm.engine.worker.free_kv_cache()

@@ -12,6 +12,15 @@ from kvtier.benchmarks.datasets import random_requests
 from kvtier.entrypoints.llm import LLM
 from kvtier.sampling_params import SamplingParams
 
+TAIL = 16  # new tokens after the held prefix
+
+
+def prefix_hit_engine_args(prefix_len: int, block_size: int = 16) -> dict[str, int]:
+    """Engine options for prefix_hit_ttft: a GPU pool of ~2.5 prompts of prefix_len + TAIL tokens
+    (three later prompts push the first out to the CPU tier), and room for one such prompt a step."""
+    return {"num_gpu_blocks_override": int(2.5 * (prefix_len + TAIL) / block_size),
+            "max_model_len": prefix_len + 64, "max_num_batched_tokens": prefix_len + 64}
+
 
 def prefix_hit_ttft(llm: LLM, prefix_len: int, tail: int, reps: int, evictors: int) -> dict:
     """TTFT of a prompt whose prefix is in the CPU tier vs a fresh prompt of the same length."""

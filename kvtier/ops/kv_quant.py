@@ -113,7 +113,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x / scale, saturated at +-448 (torch's cast alone would turn overflow into NaN)."""
     _check_float_kv("x", x)
     scale = _fp8_scale_view(scale, x)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return to_cache_dtype(x.float() / scale, FP8_DTYPE)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
